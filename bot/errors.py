@@ -1,0 +1,50 @@
+"""Parley's small exception hierarchy.
+
+Every error a person can cause carries a message that says what went wrong, where the value
+came from and how to fix it. Callers at the boundaries map these to exit codes (CLI) or
+HTTP statuses (API): ``status`` is the HTTP status the API answers with.
+"""
+
+from __future__ import annotations
+
+
+class ParleyError(Exception):
+    """Base of every error Parley raises on purpose."""
+
+    status: int = 500
+
+
+class ConfigError(ParleyError):
+    """A setting is missing or invalid (a flag, a PARLEY_* variable or the TOML file)."""
+
+    status = 400
+
+
+class ModelLoadError(ParleyError):
+    """A model or adapter could not be loaded; the message lists what was tried."""
+
+    status = 500
+
+
+class RequestError(ParleyError):
+    """A client sent something we cannot serve (empty message, unknown role, too long...)."""
+
+    status = 400
+
+
+class NotFoundError(RequestError):
+    """A named thing (adapter, model, conversation) does not exist."""
+
+    status = 404
+
+
+class ContextOverflowError(RequestError):
+    """A single message cannot fit into the model's context window."""
+
+    status = 400
+
+
+class GenerationError(ParleyError):
+    """The model failed while generating."""
+
+    status = 500

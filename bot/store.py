@@ -1,0 +1,305 @@
+"""Conversations, turns, feedback and per-channel settings in SQLite (PARLEY_HOME/parley.db).
+
+One ``Store`` per process; it is safe to share between threads (one connection per thread, WAL
+mode so readers never block the writer). Every finished turn is committed before the caller is
+told it is done, so a crash or a failing later request never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bot.errors import NotFoundError, RequestError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT 'web',       -- web, api, cli, slack, discord
+    external_key TEXT,                        -- e.g. slack:T1:C1:thread_ts; unique when set
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS conversations_external ON conversations(external_key)
+    WHERE external_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS turns (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    messages TEXT NOT NULL,        -- JSON: the new input messages of this turn (user/system)
+    reply TEXT NOT NULL,
+    model TEXT NOT NULL,
+    adapter TEXT NOT NULL DEFAULT 'base',
+    params TEXT NOT NULL DEFAULT '{}',
+    tool_calls TEXT NOT NULL DEFAULT '[]',
+    finish_reason TEXT NOT NULL,
+    usage TEXT NOT NULL DEFAULT '{}',
+    external_id TEXT,              -- e.g. the Slack ts / Discord message id of the reply
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_conversation ON turns(conversation_id, seq);
+CREATE INDEX IF NOT EXISTS turns_external ON turns(external_id);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    turn_id TEXT NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+    rating INTEGER NOT NULL,       -- +1 good, -1 bad
+    comment TEXT NOT NULL DEFAULT '',
+    correction TEXT,               -- a better reply, when the person wrote one
+    source TEXT NOT NULL DEFAULT 'web',
+    user TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_turn ON feedback(turn_id);
+CREATE TABLE IF NOT EXISTS settings (
+    scope TEXT NOT NULL,           -- e.g. slack:T1:C1, discord:G1:C1, conversation:<id>
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,           -- JSON
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE TABLE IF NOT EXISTS seen_events (
+    key TEXT PRIMARY KEY,          -- dedupe of retried platform events (slack event_id...)
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Turn:
+    id: str
+    conversation_id: str
+    seq: int
+    messages: list[dict[str, Any]]
+    reply: str
+    model: str
+    adapter: str
+    params: dict[str, Any]
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    usage: dict[str, Any]
+    external_id: str | None
+    created_at: float
+
+
+class Store:
+    """The conversation store. ``Store(path)`` creates the file and schema when missing."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        with self._conn() as conn:
+            conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(sql, args)
+                conn.execute("COMMIT")
+                return cur
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- conversations -------------------------------------------------------------------------
+    def create_conversation(self, *, title: str = "", source: str = "web",
+                            external_key: str | None = None) -> str:
+        cid = uuid.uuid4().hex
+        now = time.time()
+        self._write("INSERT INTO conversations (id, title, source, external_key, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (cid, title[:200], source, external_key, now, now))
+        return cid
+
+    def conversation_for(self, external_key: str, *, source: str, title: str = "") -> str:
+        """The conversation bound to a platform thread, created on first use (race-safe)."""
+        row = self._conn().execute("SELECT id FROM conversations WHERE external_key = ?",
+                                   (external_key,)).fetchone()
+        if row:
+            return row["id"]
+        try:
+            return self.create_conversation(title=title, source=source, external_key=external_key)
+        except sqlite3.IntegrityError:  # another thread created it first
+            row = self._conn().execute("SELECT id FROM conversations WHERE external_key = ?",
+                                       (external_key,)).fetchone()
+            return row["id"]
+
+    def get_conversation(self, conversation_id: str) -> dict[str, Any]:
+        row = self._conn().execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+        return dict(row)
+
+    def list_conversations(self, limit: int = 50, source: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM conversations"
+        args: tuple = ()
+        if source:
+            sql += " WHERE source = ?"
+            args = (source,)
+        sql += " ORDER BY updated_at DESC LIMIT ?"
+        return [dict(r) for r in self._conn().execute(sql, args + (limit,))]
+
+    def rename_conversation(self, conversation_id: str, title: str) -> None:
+        self._write("UPDATE conversations SET title = ? WHERE id = ?", (title[:200], conversation_id))
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # -- turns ---------------------------------------------------------------------------------
+    def add_turn(self, conversation_id: str, *, messages: list[dict[str, Any]], reply: str, model: str,
+                 adapter: str = "base", params: dict[str, Any] | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None, finish_reason: str = "stop",
+                 usage: dict[str, Any] | None = None, external_id: str | None = None,
+                 turn_id: str | None = None) -> str:
+        """Append a finished turn; returns its id (feedback attaches to it)."""
+        turn_id = turn_id or uuid.uuid4().hex
+        now = time.time()
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+                    raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+                seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM turns WHERE conversation_id = ?",
+                                   (conversation_id,)).fetchone()[0]
+                conn.execute(
+                    "INSERT INTO turns (id, conversation_id, seq, messages, reply, model, adapter, params,"
+                    " tool_calls, finish_reason, usage, external_id, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (turn_id, conversation_id, seq, json.dumps(messages), reply, model, adapter,
+                     json.dumps(params or {}), json.dumps(tool_calls or [], default=str), finish_reason,
+                     json.dumps(usage or {}), external_id, now))
+                title_row = conn.execute("SELECT title FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+                if not title_row["title"]:
+                    first_user = next((m["content"] for m in messages if m.get("role") == "user"), "")
+                    conn.execute("UPDATE conversations SET title = ? WHERE id = ?",
+                                 (" ".join(str(first_user).split())[:80], conversation_id))
+                conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return turn_id
+
+    def set_turn_external_id(self, turn_id: str, external_id: str) -> None:
+        self._write("UPDATE turns SET external_id = ? WHERE id = ?", (external_id, turn_id))
+
+    def turns(self, conversation_id: str) -> list[Turn]:
+        rows = self._conn().execute("SELECT * FROM turns WHERE conversation_id = ? ORDER BY seq",
+                                    (conversation_id,)).fetchall()
+        return [_turn(r) for r in rows]
+
+    def get_turn(self, turn_id: str) -> Turn:
+        row = self._conn().execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"turn {turn_id!r} does not exist")
+        return _turn(row)
+
+    def turn_by_external_id(self, external_id: str) -> Turn | None:
+        row = self._conn().execute("SELECT * FROM turns WHERE external_id = ?", (external_id,)).fetchone()
+        return _turn(row) if row else None
+
+    def history(self, conversation_id: str) -> list[dict[str, Any]]:
+        """The conversation as chat messages (inputs and replies in order), for the next turn."""
+        out: list[dict[str, Any]] = []
+        for turn in self.turns(conversation_id):
+            out.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
+            out.append({"role": "assistant", "content": turn.reply})
+        return out
+
+    def truncate_after(self, conversation_id: str, seq: int) -> None:
+        """Forget turns after ``seq`` (retry and edit in the UI branch from an earlier turn)."""
+        self._write("DELETE FROM turns WHERE conversation_id = ? AND seq > ?", (conversation_id, seq))
+
+    # -- feedback ------------------------------------------------------------------------------
+    def add_feedback(self, turn_id: str, rating: int, *, comment: str = "", correction: str | None = None,
+                     source: str = "web", user: str = "") -> int:
+        if rating not in (-1, 1):
+            raise RequestError(f"rating must be 1 (good) or -1 (bad), not {rating!r}")
+        self.get_turn(turn_id)  # a clear 404 instead of a foreign-key failure
+        cur = self._write("INSERT INTO feedback (turn_id, rating, comment, correction, source, user, created_at)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (turn_id, rating, comment, correction, source, user, time.time()))
+        return int(cur.lastrowid)
+
+    def feedback(self, turn_id: str | None = None) -> list[dict[str, Any]]:
+        if turn_id:
+            rows = self._conn().execute("SELECT * FROM feedback WHERE turn_id = ? ORDER BY id", (turn_id,))
+        else:
+            rows = self._conn().execute("SELECT * FROM feedback ORDER BY id")
+        return [dict(r) for r in rows]
+
+    def feedback_examples(self, min_rating: int = 1) -> Iterator[dict[str, Any]]:
+        """Turns people rated, as OpenAI ``messages`` rows for fine-tuning.
+
+        A turn rated good yields its conversation up to and including the reply; a turn with a
+        correction yields the corrected reply instead. Bad turns without a correction are skipped.
+        """
+        rows = self._conn().execute(
+            "SELECT f.turn_id, MAX(f.rating) AS rating, MAX(f.correction) AS correction"
+            " FROM feedback f GROUP BY f.turn_id").fetchall()
+        for row in rows:
+            turn = self.get_turn(row["turn_id"])
+            reply = row["correction"] or (turn.reply if row["rating"] >= min_rating else None)
+            if not reply:
+                continue
+            messages: list[dict[str, Any]] = []
+            for earlier in self.turns(turn.conversation_id):
+                if earlier.seq >= turn.seq:
+                    break
+                messages.extend({"role": m["role"], "content": m["content"]} for m in earlier.messages)
+                messages.append({"role": "assistant", "content": earlier.reply})
+            messages.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
+            messages.append({"role": "assistant", "content": reply})
+            yield {"messages": messages, "turn_id": turn.id, "adapter": turn.adapter}
+
+    # -- settings (per channel / workspace / conversation) -------------------------------------
+    def set_setting(self, scope: str, key: str, value: Any) -> None:
+        self._write("INSERT INTO settings (scope, key, value, updated_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT(scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    (scope, key, json.dumps(value), time.time()))
+
+    def get_settings(self, scope: str) -> dict[str, Any]:
+        rows = self._conn().execute("SELECT key, value FROM settings WHERE scope = ?", (scope,))
+        return {r["key"]: json.loads(r["value"]) for r in rows}
+
+    def delete_setting(self, scope: str, key: str) -> None:
+        self._write("DELETE FROM settings WHERE scope = ? AND key = ?", (scope, key))
+
+    # -- dedupe ----------------------------------------------------------------------------------
+    def mark_seen(self, key: str) -> bool:
+        """Record a platform event id; True the first time, False for a retry of the same event."""
+        try:
+            self._write("INSERT INTO seen_events (key, created_at) VALUES (?, ?)", (key, time.time()))
+            return True
+        except sqlite3.IntegrityError:
+            return False
+
+
+def _turn(row: sqlite3.Row) -> Turn:
+    return Turn(id=row["id"], conversation_id=row["conversation_id"], seq=row["seq"],
+                messages=json.loads(row["messages"]), reply=row["reply"], model=row["model"],
+                adapter=row["adapter"], params=json.loads(row["params"]),
+                tool_calls=json.loads(row["tool_calls"]), finish_reason=row["finish_reason"],
+                usage=json.loads(row["usage"]), external_id=row["external_id"],
+                created_at=row["created_at"])
