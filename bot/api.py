@@ -1,0 +1,306 @@
+"""The HTTP face of Parley: an OpenAI-compatible /v1 API, /health, and the Gradio chat at /.
+
+Requests are normalized once here (``parse_chat_request``) and then go through the same
+``Assistant.respond`` as every other front end. A dropped stream cancels generation: the event
+loop notices the disconnect, sets the turn's cancel flag, and the engine stops within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bot.assistant import TurnOptions
+from bot.engine import BASE, GenerationParams
+from bot.errors import ParleyError, RequestError
+from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
+from bot.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+KNOWN_FIELDS = {
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "top_k", "max_tokens",
+    "max_completion_tokens", "stop", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty",
+    "n", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
+    "metadata", "store", "adapter", "conversation_id", "parley",
+}
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape, so SDKs show the message."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    options: TurnOptions
+    stream: bool
+    include_usage: bool
+    model: str
+
+
+def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
+    """Validate a /v1/chat/completions body; RequestError names the field and the fix."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}: see /docs for the accepted fields")
+    if body.get("n", 1) != 1:
+        raise RequestError("n must be 1: Parley returns one choice per request")
+    model = body.get("model") or BASE
+    if not isinstance(model, str):
+        raise RequestError("model must be a string: 'base', an adapter name, or the model name")
+    # `model` names an adapter (how OpenAI clients pick one) unless it names the base model.
+    adapter = body.get("adapter") or (BASE if model in (BASE, runtime.engine.model_name) else model)
+    runtime.engine.require_adapter(adapter)
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise RequestError("stop must be a string or a list of strings")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or runtime.settings.max_new_tokens
+
+    def number(name, default, kind=float):
+        value = body.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"{name} must be a number, not {value!r}")
+        return kind(value)
+
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise RequestError(f"max_tokens must be a whole number, not {max_tokens!r}")
+    params = GenerationParams(
+        max_new_tokens=max_tokens,
+        temperature=number("temperature", 0.7), top_p=number("top_p", 1.0), top_k=number("top_k", 0, int),
+        repetition_penalty=number("repetition_penalty", 1.0), seed=body.get("seed"),
+        stop=tuple(stop))
+    extra = body.get("parley") or {}
+    if not isinstance(extra, dict):
+        raise RequestError("parley must be an object, e.g. {\"tools\": [\"search\"], \"index\": \"default\"}")
+    tools = extra.get("tools")
+    options = TurnOptions(params=runtime.engine.clamp(params), adapter=adapter,
+                          tools=tuple(tools) if isinstance(tools, list) else None,
+                          always_search=bool(extra.get("always_search", False)),
+                          index=str(extra.get("index", "default")), source="api")
+    stream_options = body.get("stream_options") or {}
+    return ChatRequest(messages=body.get("messages"), options=options, stream=bool(body.get("stream", False)),
+                       include_usage=bool(stream_options.get("include_usage", False)), model=model)
+
+
+def _usage(done: Done) -> dict[str, Any]:
+    u = done.usage.to_dict()
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"]}
+
+
+def _finish(done: Done) -> str:
+    # OpenAI knows stop/length; a cancelled or failed turn ends as "stop" with Parley's reason aside.
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _parley_extra(done: Done, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"turn_id": done.turn_id, "finish_reason": done.finish_reason, "error": done.error,
+            "sources": list(done.sources), "tool_steps": steps, "timings": done.usage.to_dict()}
+
+
+def _step(event: Event) -> dict[str, Any]:
+    if isinstance(event, ToolStarted):
+        return {"type": "tool_started", "name": event.name, "arguments": event.arguments, "id": event.call_id}
+    assert isinstance(event, ToolFinished)
+    return {"type": "tool_finished", "name": event.name, "ok": event.ok, "summary": event.summary,
+            "id": event.call_id}
+
+
+async def _aiter(events: Iterator[Event], cancel: threading.Event) -> AsyncIterator[Event]:
+    """Iterate a blocking event generator from async code without blocking the event loop."""
+    sentinel = object()
+    try:
+        while True:
+            event = await asyncio.to_thread(next, events, sentinel)
+            if event is sentinel:
+                return
+            yield event
+    finally:
+        cancel.set()
+        await asyncio.to_thread(events.close)
+
+
+def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
+    settings = runtime.settings
+    app = FastAPI(title="Parley", version="0.1.0",
+                  description="OpenAI-compatible chat API of Parley, a chat assistant you can train.")
+    app.state.runtime = runtime
+    started_at = time.time()
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1"):
+            if settings.api_key:
+                given = request.headers.get("authorization", "")
+                expected = f"Bearer {settings.api_key}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "authentication_error", {"WWW-Authenticate": "Bearer"})
+            length = request.headers.get("content-length")
+            if length is not None:
+                try:
+                    too_big = int(length) > settings.max_request_bytes
+                except ValueError:
+                    return error_response(400, "invalid Content-Length header")
+                if too_big:
+                    return error_response(413, f"the request body is over {settings.max_request_bytes} bytes: "
+                                               f"send a shorter conversation")
+        return await call_next(request)
+
+    async def read_json(request: Request) -> Any:
+        body = b""
+        async for chunk in request.stream():  # also bounds chunked bodies without Content-Length
+            body += chunk
+            if len(body) > settings.max_request_bytes:
+                raise RequestError(f"the request body is over {settings.max_request_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the request body is not valid JSON: {exc}") from None
+
+    @app.exception_handler(ParleyError)
+    async def parley_error(request: Request, exc: ParleyError):
+        status = getattr(exc, "status", 500)
+        if status >= 500:
+            log.error("request failed: %s", exc)
+        return error_response(status, str(exc), "invalid_request_error" if status < 500 else "server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": runtime.engine.model_name, "adapters": sorted(runtime.engine.adapters),
+                "uptime_s": round(time.time() - started_at, 1)}
+
+    @app.get("/v1/models")
+    async def models():
+        names = [runtime.engine.model_name, *sorted(runtime.engine.adapters)]
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(started_at), "owned_by": "parley",
+             "parley": {"kind": "base" if i == 0 else "adapter"}} for i, name in enumerate(names)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await read_json(request), runtime)
+        req.options.conversation_id = await asyncio.to_thread(runtime.store.create_conversation, source="api")
+        req.options.new_messages = len(req.messages)
+        cancel = threading.Event()
+        events = runtime.assistant.respond(req.messages, req.options, cancel=cancel)  # raises 4xx up front
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not req.stream:
+            text, steps, done = [], [], None
+            async for event in _aiter(events, cancel):
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                elif isinstance(event, (ToolStarted, ToolFinished)):
+                    steps.append(_step(event))
+                elif isinstance(event, Done):
+                    done = event
+            assert done is not None
+            if done.finish_reason == "error":
+                return error_response(500, done.error or "generation failed", "server_error")
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                 "finish_reason": _finish(done)}],
+                    "usage": _usage(done), "parley": _parley_extra(done, steps)}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra) -> str:
+            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                       "model": req.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            steps: list[dict[str, Any]] = []
+            yield chunk({"role": "assistant", "content": ""})
+            async for event in _aiter(events, cancel):
+                if await request.is_disconnected():
+                    cancel.set()
+                    return
+                if isinstance(event, TextDelta):
+                    yield chunk({"content": event.text})
+                elif isinstance(event, (ToolStarted, ToolFinished)):
+                    steps.append(_step(event))
+                    yield f": parley {json.dumps(_step(event))}\n\n"  # an SSE comment: clients ignore it
+                elif isinstance(event, Done):
+                    if event.finish_reason == "error":
+                        yield f"data: {json.dumps({'error': {'message': event.error, 'type': 'server_error'}})}\n\n"
+                    yield chunk({}, _finish(event), parley=_parley_extra(event, steps))
+                    if req.include_usage:
+                        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": req.model, "choices": [], "usage": _usage(event)}
+                        yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        """Rate a reply (turn_id from the `parley` field of a completion): the data fine-tuning learns from."""
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("turn_id"), str):
+            raise RequestError("send {\"turn_id\": \"...\", \"rating\": 1 or -1, \"correction\": optional text}")
+        rating = body.get("rating")
+        if rating not in (1, -1) or isinstance(rating, bool):
+            raise RequestError("rating must be 1 (good) or -1 (bad)")
+        correction = body.get("correction")
+        if correction is not None and not isinstance(correction, str):
+            raise RequestError("correction must be text")
+        fid = await asyncio.to_thread(runtime.store.add_feedback, body["turn_id"], rating,
+                                      comment=str(body.get("comment", ""))[:2000], correction=correction,
+                                      source="api")
+        return {"id": fid, "turn_id": body["turn_id"], "rating": rating}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request):
+        """Load (or reload) a LoRA adapter by name and folder; the chat can use it at once."""
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
+            raise RequestError("send {\"name\": \"my-adapter\", \"path\": \"/path/to/adapter\"}")
+        await asyncio.to_thread(runtime.engine.load_adapter, body["name"], body["path"])
+        return {"name": body["name"], "loaded": sorted(runtime.engine.adapters)}
+
+    if with_ui:
+        import gradio as gr
+
+        from ui.app import build_ui
+
+        demo = build_ui(runtime)
+        auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
+        app = gr.mount_gradio_app(app, demo, path="/", auth=auth, show_error=False,
+                                  max_file_size=settings.max_request_bytes)
+    return app
+
+
+def serve(settings) -> int:
+    import uvicorn
+
+    from bot.runtime import build_runtime
+
+    runtime = build_runtime(settings)
+    app = create_app(runtime)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("serving on %s without an API key: anyone who can reach it can use /v1", settings.host)
+    print(f"Parley is ready at http://{settings.host}:{settings.port}  (API: /v1, health: /health)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0

@@ -1,0 +1,69 @@
+"""Build the running pieces from Settings: model -> engine -> tools -> assistant, and the store.
+
+Front ends (CLI chat, server, Slack, Discord) call ``build_runtime`` once at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.assistant import Assistant
+from bot.config import Settings
+from bot.engine import Engine
+from bot.models import load_model
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    store: Store
+    assistant: Assistant
+    load_seconds: float
+
+
+def discover_adapters(home: Path) -> dict[str, str]:
+    """Adapters saved under PARLEY_HOME/adapters/NAME (fine-tuning writes them there)."""
+    root = home / "adapters"
+    if not root.is_dir():
+        return {}
+    return {p.name: str(p) for p in sorted(root.iterdir())
+            if (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file()}
+
+
+def build_tools(engine: Engine, settings: Settings):
+    """The tool runner when bot.tools is available; None keeps the assistant a plain chat."""
+    try:
+        from bot.tools.runner import build_tool_runner
+    except ImportError:
+        return None
+    return build_tool_runner(engine, settings.home)
+
+
+def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool = True,
+                  auto_adapters: bool = True) -> Runtime:
+    started = time.perf_counter()
+    loaded = load_model(settings.model, settings.home, device=settings.device, dtype=settings.dtype,
+                        progress=progress)
+    engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_new_tokens_cap=settings.max_new_tokens_cap,
+                    max_time_s=settings.max_generation_time_s, context_window=settings.context_window,
+                    queue_size=settings.queue_size)
+    adapters = {**(discover_adapters(settings.home) if auto_adapters else {}), **settings.adapters}
+    for name, path in adapters.items():
+        try:
+            engine.load_adapter(name, path)
+        except Exception as exc:
+            if name in settings.adapters:  # named explicitly: a failure is the user's to fix now
+                raise
+            log.warning("skipping adapter %s in %s: %s", name, path, exc)
+    store = Store(settings.db_path)
+    tools = build_tools(engine, settings) if with_tools else None
+    assistant = Assistant(engine, store=store, system_prompt=settings.system_prompt, tools=tools)
+    return Runtime(settings=settings, engine=engine, store=store, assistant=assistant,
+                   load_seconds=time.perf_counter() - started)

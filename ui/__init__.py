@@ -1,0 +1,1 @@
+"""Parley's Gradio front end: builds the UI over an Assistant; holds no model logic."""
