@@ -1,7 +1,7 @@
 """Lexical retrieval: BM25 (bm25s) over chunk texts, persisted as JSON + .npy (no pickle).
 
-Tokens are lowercase Unicode words minus English stop words, stemmed with PyStemmer's English
-Snowball stemmer when that package is installed. The index records which it used, because a
+Tokens are lowercase Unicode words minus English stop words, stemmed with the English Snowball
+stemmer when PyStemmer or snowballstemmer is installed. The index records which it used, because a
 query must be tokenized exactly as the corpus was.
 """
 
@@ -25,33 +25,61 @@ def _stopwords() -> frozenset[str]:
     return frozenset(STOPWORDS_EN)
 
 
-def stemmer_available() -> bool:
+def _load_stemmer(language: str):
+    """Snowball `stemWords` for `language`: PyStemmer (C) if installed, else snowballstemmer
+    (pure Python). Both implement the same Snowball algorithm, so their stems are identical and
+    an index built with one reads with the other."""
     try:
-        import Stemmer  # noqa: F401  (PyStemmer)
+        import Stemmer  # PyStemmer
+
+        return Stemmer.Stemmer(language).stemWords
     except ImportError:
-        return False
-    return True
+        pass
+    try:
+        import snowballstemmer
+    except ImportError:
+        return None
+    return snowballstemmer.stemmer(language).stemWords
+
+
+def stemmer_available() -> bool:
+    return _load_stemmer("english") is not None
 
 
 class LexicalTokenizer:
-    """text -> list of terms. `stemmer` is "english" (needs PyStemmer) or None."""
+    """text -> list of terms. `stemmer` is a Snowball language ("english") or None."""
+
+    _CACHE_LIMIT = 500_000
 
     def __init__(self, stemmer: str | None = None):
         self.stemmer_name = stemmer
         self._stop = _stopwords()
         self._stem = None
+        self._cache: dict[str, str] = {}
         if stemmer is not None:
-            try:
-                import Stemmer
-            except ImportError as exc:
+            self._stem = _load_stemmer(stemmer)
+            if self._stem is None:
                 raise ConfigError(
-                    f"this index was built with the {stemmer!r} stemmer, which needs PyStemmer: pip install PyStemmer"
-                ) from exc
-            self._stem = Stemmer.Stemmer(stemmer).stemWords
+                    f"this index uses the {stemmer!r} Snowball stemmer, which needs PyStemmer or "
+                    "snowballstemmer: pip install snowballstemmer"
+                )
 
     def __call__(self, text: str) -> list[str]:
         words = [w for w in _TOKEN.findall(text.lower()) if w not in self._stop]
-        return self._stem(words) if self._stem is not None and words else words
+        if self._stem is None or not words:
+            return words
+        # A vocabulary is small next to a corpus: stem each distinct word once.
+        cache = self._cache
+        missing = [w for w in set(words) if w not in cache]
+        if missing:
+            if len(cache) > self._CACHE_LIMIT:
+                cache.clear()
+            cache.update(zip(missing, self._stem(missing)))
+        out = []
+        for w in words:
+            stem = cache.get(w)  # another thread may have cleared the cache meanwhile
+            out.append(stem if stem is not None else self._stem([w])[0])
+        return out
 
 
 class BM25Index:

@@ -162,11 +162,15 @@ def html_to_text(html: str) -> tuple[str, str | None]:
         title = soup.title.get_text(" ", strip=True)
     for tag in soup(["script", "style", "noscript", "template", "head", "svg", "iframe"]):
         tag.decompose()
+    # HTML whitespace collapses inside text; only block elements break paragraphs. Mark block
+    # ends with a sentinel, collapse all whitespace, then turn sentinels into blank lines.
+    mark = "\x00"
     for tag in soup.find_all(_HTML_BLOCKS):
-        tag.insert_after("\n\n")
-    raw = soup.get_text("")
-    lines = [re.sub(r"[ \t\r\f\v\xa0]+", " ", line).strip() for line in raw.split("\n")]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        tag.insert_after(mark)
+    raw = soup.get_text("").replace(mark + mark, mark)
+    raw = re.sub(r"[\s\xa0]+", " ", raw)
+    parts = [p.strip() for p in raw.split(mark)]
+    text = "\n\n".join(p for p in parts if p)
     if title is None:
         h1 = soup.find("h1")
         if h1 is not None and h1.get_text(strip=True):
