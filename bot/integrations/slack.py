@@ -150,6 +150,8 @@ class SlackBridge:
     commands: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COMMANDS))
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     on_first_post: Callable[[float], None] | None = None
+    params: Any = None
+    """GenerationParams for every turn (None: the engine's defaults)."""
 
     def register(self, app: "App") -> None:
         app.event("app_mention")(self.on_mention)
@@ -236,7 +238,7 @@ class SlackBridge:
             try:
                 cid = self.store.conversation_for(key, source="slack", title=text[:80])
                 settings = resolve_settings(self.store, [f"slack:{team}", f"slack:{team}:{channel}"])
-                options = turn_options(settings, source="slack", conversation_id=cid)
+                options = turn_options(settings, source="slack", conversation_id=cid, params=self.params)
                 conversation = self.store.history(cid) + [{"role": "user", "content": text}]
                 events = self.assistant.respond(conversation, options)
                 result = stream_reply(events, _Timed(sink, started, self.on_first_post), limit=SLACK_LIMIT,
@@ -323,7 +325,7 @@ def check_token(client: "WebClient") -> dict:
 
 def build_slack_app(assistant, store, *, client: "WebClient", signing_secret: str = "",
                     process_before_response: bool = False, interval: float = 1.0,
-                    commands: dict[str, str] | None = None,
+                    commands: dict[str, str] | None = None, params=None,
                     on_first_post: Callable[[float], None] | None = None) -> "App":
     """The bolt App with Parley's listeners. Tests pass ``process_before_response=True``."""
     require_slack()
@@ -332,7 +334,7 @@ def build_slack_app(assistant, store, *, client: "WebClient", signing_secret: st
               request_verification_enabled=bool(signing_secret), ignoring_self_events_enabled=True,
               name="parley")
     SlackBridge(assistant, store, interval=interval, commands=dict(commands or DEFAULT_COMMANDS),
-                on_first_post=on_first_post).register(app)
+                on_first_post=on_first_post, params=params).register(app)
     return app
 
 
@@ -372,7 +374,7 @@ def mount_slack(fastapi_app, assistant, store, *, signing_secret: str | None = N
     app = build_slack_app(assistant, store, client=kwargs.pop("client", None)
                           or make_client(_need("SLACK_BOT_TOKEN", bot_token)),
                           signing_secret=_need("SLACK_SIGNING_SECRET", signing_secret), **kwargs)
-    fastapi_app.add_api_route(path, _endpoint(app), methods=["POST"], include_in_schema=False)
+    fastapi_app.add_route(path, _endpoint(app), methods=["POST"], include_in_schema=False)
     return app
 
 
@@ -437,7 +439,10 @@ def run_slack(args: argparse.Namespace) -> int:
     if args.channels_config:
         log.info("slack: %d channel settings from %s", apply_settings_file(store, args.channels_config, "slack"),
                  args.channels_config)
-    kwargs = dict(interval=args.edit_interval, commands=commands)
+    from bot.engine import GenerationParams
+
+    kwargs = dict(interval=args.edit_interval, commands=commands,
+                  params=GenerationParams(max_new_tokens=args.settings.max_new_tokens))
     if args.http:
         import uvicorn
 
