@@ -333,7 +333,7 @@ class MetricsLog:
 
 def plot_curve(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Train loss per step and eval loss at each evaluation, as a PNG."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train and not evals:
         return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+
+import pytest
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "finetune"
@@ -100,3 +102,14 @@ def read_metrics(output: Path) -> list[dict]:
 def losses(output: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output) if "loss" in r and r["loss"] is not None
             and not r.get("skipped")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train far faster on one thread, and do not stall when the CPUs are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
