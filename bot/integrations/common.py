@@ -228,7 +228,7 @@ class ReplyResult:
 
 def final_text(text: str, done: Done, *, italic: str = "_") -> str:
     """The reply as it stays: the text, a compact sources line, or a short error."""
-    out = text.strip()
+    out = close_open_fence(text.strip())  # e.g. cut off by max_new_tokens inside a code block
     if done.finish_reason == "error" and not out:
         return user_error(done.error)
     if done.finish_reason == "error":

@@ -139,6 +139,12 @@ def test_stream_reply_throttles_edits_and_shows_tool_status():
     assert result.message_ids == ["0"]
 
 
+def test_final_text_closes_a_fence_left_open():
+    from bot.integrations.common import final_text
+
+    assert final_text("```py\nx = 1", Done(finish_reason="length")) == "```py\nx = 1\n```"
+
+
 def test_stream_reply_error_is_one_short_line():
     sink = _Sink()
     stream_reply(iter([Done(finish_reason="error", error="boom xoxb-123-456-abc\ntraceback...")]), sink, limit=3000)
