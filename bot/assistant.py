@@ -86,8 +86,10 @@ class Assistant:
         cancel = cancel or threading.Event()
         messages = normalize_messages(conversation)
         messages = with_system_prompt(messages, options.system_prompt or self.system_prompt)
-        # Validate before anything streams so the API can answer 404 instead of a broken stream.
+        # Validate before anything streams so the API can answer 4xx instead of a broken stream:
+        # an unknown adapter, or a message that cannot fit the context window even alone.
         self.engine.require_adapter(options.adapter)
+        self.engine.prompt_ids(messages, options.params.max_new_tokens)
         return self._turn(messages, options, cancel)
 
     def _turn(self, messages: list[Message], options: TurnOptions, cancel: threading.Event) -> Iterator[Event]:
