@@ -22,6 +22,7 @@ timeout. Nothing here ever evaluates text as code.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import json
 import logging
@@ -296,7 +297,8 @@ class ToolRegistry:
         limit = tool.timeout_s if timeout_s is None else min(timeout_s, tool.timeout_s)
         if limit <= 0:
             raise ToolError(f"{name}: no time left in this turn's tool budget")
-        future = self._executor.submit(tool.fn, **args)
+        # The call sees the caller's context variables (the turn's index, cancel flag...).
+        future = self._executor.submit(contextvars.copy_context().run, tool.fn, **args)
         try:
             result = future.result(timeout=limit)
         except FutureTimeout:

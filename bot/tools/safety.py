@@ -18,11 +18,12 @@ import re
 from typing import Iterable
 
 # Markdown image: ![alt](url "title")  (url may be <wrapped>)
-_MD_IMAGE = re.compile(r"!\[([^\]\n]{0,500})\]\(\s*<?([^)\s>]*)>?(?:\s+[\"'][^\"'\n]*[\"'])?\s*\)")
+_URL = r"\(\s*(?:<([^>\n]*)>|([^)\s]*))(?:\s+[\"'][^\"'\n]*[\"'])?\s*\)"
+_MD_IMAGE = re.compile(r"!\[([^\]\n]{0,500})\]" + _URL)
 # Reference-style image ![alt][ref] and its definition line [ref]: url
 _MD_REF_IMAGE = re.compile(r"!\[([^\]\n]{0,500})\]\[([^\]\n]{0,100})\]")
 _MD_REF_DEF = re.compile(r"^[ \t]{0,3}\[([^\]\n]{1,100})\]:[ \t]*<?(\S+?)>?(?:[ \t]+.*)?$", re.MULTILINE)
-_MD_LINK = re.compile(r"(?<!!)\[([^\]\n]{0,500})\]\(\s*<?([^)\s>]*)>?(?:\s+[\"'][^\"'\n]*[\"'])?\s*\)")
+_MD_LINK = re.compile(r"(?<!!)\[([^\]\n]{0,500})\]" + _URL)
 _AUTOLINK = re.compile(r"<((?:javascript|vbscript|data):[^>\s]*)>", re.IGNORECASE)
 _HTML_IMG = re.compile(r"<img\b[^>]*>", re.IGNORECASE)
 _HTML_DANGEROUS = re.compile(r"<(script|style|iframe|object|embed)\b[^>]*>.*?</\1\s*>|<(?:script|style|iframe|object|embed|link|meta|base)\b[^>]*/?>",
@@ -50,7 +51,8 @@ def strip_external_images(text: str) -> str:
     refs = {m.group(1).lower(): m.group(2) for m in _MD_REF_DEF.finditer(text)}
 
     def inline(m: re.Match) -> str:
-        return _image_text(m.group(1)) if is_external_url(m.group(2)) or not m.group(2) else m.group(0)
+        url = m.group(2) if m.group(2) is not None else m.group(3)
+        return _image_text(m.group(1)) if not url or is_external_url(url) else m.group(0)
 
     def by_ref(m: re.Match) -> str:
         url = refs.get((m.group(2) or m.group(1)).lower(), "")
@@ -75,7 +77,8 @@ def sanitize_markdown(text: str) -> str:
     text = strip_external_images(text)
 
     def link(m: re.Match) -> str:
-        return m.group(1) if _BAD_SCHEME.match(m.group(2)) else m.group(0)
+        url = m.group(2) if m.group(2) is not None else m.group(3)
+        return m.group(1) if _BAD_SCHEME.match(url) else m.group(0)
 
     text = _MD_LINK.sub(link, text)
     text = _AUTOLINK.sub("", text)

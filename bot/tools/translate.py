@@ -111,6 +111,12 @@ class LanguageDetector:
         if not values or values[0].value <= 0:
             return None, 0.0
         best = values[0]
+        # Very short texts ("hello") fit several languages about equally; ties go to English, the
+        # language most people type to an English-prompted assistant in.
+        if best.value < 0.6 and len(text.split()) <= 3:
+            english = next((v for v in values[:3] if v.language.iso_code_639_1.name == "EN"), None)
+            if english is not None and english.value >= 0.4 * best.value:
+                best = english
         return resolve_language(best.language.iso_code_639_1.name.lower()), float(best.value)
 
 
@@ -228,7 +234,8 @@ class ChatModelBackend:
     def supports(self, source: Lang, target: Lang) -> bool:
         return True
 
-    def translate(self, pieces: list[str], source: Lang, target: Lang, cancel: threading.Event | None) -> list[str]:
+    def translate(self, pieces: list[str], source: Lang, target: Lang, cancel: threading.Event | None,
+                  deadline: float | None = None) -> list[str]:
         from bot.engine import GenerationParams
 
         out = []
@@ -241,11 +248,42 @@ class ChatModelBackend:
             messages = [{"role": "system", "content": "You are a careful translator."},
                         {"role": "user", "content": self.PROMPT.format(source=source.name, target=target.name,
                                                                        text=piece)}]
-            text, done = self.engine.generate(messages, params, cancel=cancel)
+            text, done = _generate_linked(self.engine, messages, params, cancel, deadline)
+            if done.finish_reason == "cancelled":
+                raise ToolError("translation was stopped (cancelled or out of time)")
             if done.finish_reason == "error":
                 raise ToolError(f"the chat model could not translate: {done.error}")
             out.append(clean_chat_translation(text, piece))
         return out
+
+
+def _generate_linked(engine, messages, params, parent: threading.Event | None, deadline: float | None):
+    """engine.generate with its own cancel flag, set when ``parent`` is set or ``deadline`` passes.
+
+    The engine sets the cancel flag it is given when its stream ends, so the turn's own flag must
+    never be handed to it from inside a tool.
+    """
+    import time
+
+    from bot.events import Done, TextDelta
+
+    own = threading.Event()
+    parts: list[str] = []
+    done = Done(finish_reason="error", error="the stream ended without a final event")
+    stream = engine.stream(messages, params, cancel=own)
+    try:
+        for event in stream:
+            if (parent is not None and parent.is_set()) or (deadline is not None and time.perf_counter() > deadline):
+                own.set()
+                return "".join(parts), Done(finish_reason="cancelled")
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Done):
+                done = event
+                break
+    finally:
+        stream.close()
+    return "".join(parts), done
 
 
 def clean_chat_translation(text: str, original: str) -> str:
@@ -335,7 +373,7 @@ class Translator:
                         f"{source.code}-{target.code} or a multilingual model")
 
     def translate(self, text: str, target: str, source: str | None = None,
-                  cancel: threading.Event | None = None) -> Translation:
+                  cancel: threading.Event | None = None, deadline: float | None = None) -> Translation:
         if not text or not text.strip():
             raise ToolError("there is no text to translate")
         if len(text) > self.max_chars:
@@ -365,7 +403,10 @@ class Translator:
             chunked = chunk_sentences(split_sentences(line), self.max_chunk_chars)
             slots.append((i, len(chunked)))
             pieces.extend(chunked)
-        translated = backend.translate(pieces, src, tgt, cancel) if pieces else []
+        if isinstance(backend, ChatModelBackend):
+            translated = backend.translate(pieces, src, tgt, cancel, deadline) if pieces else []
+        else:
+            translated = backend.translate(pieces, src, tgt, cancel) if pieces else []
         out: list[str] = []
         pos = 0
         for (i, n), (_line, sep) in zip(slots, layout):
