@@ -19,12 +19,12 @@ from .dense import DenseConfig
 from .embedder import DEFAULT_EMBEDDER, Embedder, HashEmbedder, get_embedder
 from .errors import (ConfigError, DocumentNotFoundError, EmbedderLoadError, EmbedderMismatchError,
                      IndexCorruptError, IndexLockedError, IndexNotFoundError, LoadSkip, RetrievalError)
-from .index import DocumentInfo, FileReport, Index, IngestReport, open_index
+from .index import DocumentInfo, FileReport, Index, IngestReport, open_index, repair_index
 from .loaders import Document, iter_files, load_file
 from .search import Passage, SearchConfig
 
 __all__ = [
-    "open_index", "Index", "Passage", "IngestReport", "FileReport", "DocumentInfo",
+    "open_index", "repair_index", "Index", "Passage", "IngestReport", "FileReport", "DocumentInfo",
     "ChunkingConfig", "DenseConfig", "SearchConfig", "Document", "Chunk", "chunk_document",
     "load_file", "iter_files", "Embedder", "HashEmbedder", "get_embedder", "DEFAULT_EMBEDDER",
     "RetrievalError", "ConfigError", "DocumentNotFoundError", "EmbedderLoadError",

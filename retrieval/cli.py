@@ -1,4 +1,4 @@
-"""`parley index ...`: add, search, list, remove, info.
+"""`parley index ...`: add, search, list, remove, info, repair.
 
 Contract with the main CLI (bot/cli.py): `add_parser(subparsers)` adds the `index` verb; every
 sub-command sets `func(args) -> int` (the exit code). The main parser supplies `args.home`
@@ -114,6 +114,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_repair(args) -> int:
+    from .index import repair_index
+
+    result = repair_index(index_path(args.home, args.index))
+    for name in result["quarantined"]:
+        print(f"set aside damaged version {name} (under quarantine/)")
+    if result["current"] is None:
+        print(f"index {args.index}: no intact version left; add your documents again")
+        return 1
+    print(f"index {args.index}: now at {result['current']} with {result['documents']} documents"
+          + ("; add your documents again to bring it up to date" if result["quarantined"] else "; nothing to repair"))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     """Add the `index` verb and its sub-commands to an argparse subparsers object."""
     p = subparsers.add_parser("index", help="index your documents and search them",
@@ -161,6 +175,10 @@ def add_parser(subparsers) -> None:
     common(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    rp = sub.add_parser("repair", help="set damaged versions aside and go back to the last intact one")
+    common(rp)
+    rp.set_defaults(func=cmd_repair)
 
 
 def main(argv: list[str] | None = None) -> int:

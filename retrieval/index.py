@@ -198,7 +198,8 @@ class Index:
                                                    cols["ends"], cols["pages"], cols["texts"], strict=True)
             }
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IndexCorruptError(f"index at {self.root}: metadata of {name} is malformed ({exc})") from exc
+            raise IndexCorruptError(f"index at {self.root}: metadata of {name} is malformed ({exc}); "
+                                    + store.REPAIR_HINT) from exc
         dim = emb.get("dim")
         dense_cfg = DenseConfig(**manifest["dense"])
         dense = DenseIndex.load(folder, dim, dense_cfg) if "dense.faiss" in manifest["files"] else None
@@ -206,9 +207,11 @@ class Index:
         # The three stores must describe the same chunks; anything else is a damaged index.
         want = set(chunks)
         if (dense.ntotal if dense else 0) != len(want) or (dense is not None and set(dense.ids().tolist()) != want):
-            raise IndexCorruptError(f"index at {self.root}: dense vectors of {name} do not match its chunk table")
+            raise IndexCorruptError(f"index at {self.root}: dense vectors of {name} do not match its chunk table; "
+                                    + store.REPAIR_HINT)
         if (len(bm25) if bm25 else 0) != len(want) or (bm25 is not None and set(bm25.chunk_ids.tolist()) != want):
-            raise IndexCorruptError(f"index at {self.root}: lexical index of {name} does not match its chunk table")
+            raise IndexCorruptError(f"index at {self.root}: lexical index of {name} does not match its chunk table; "
+                                    + store.REPAIR_HINT)
         lex = manifest.get("lexical") or {}
         if lex.get("stemmer") != self._lexical_tokenizer.stemmer_name:
             self._lexical_tokenizer = LexicalTokenizer(lex.get("stemmer"))
@@ -649,3 +652,47 @@ def open_index(path: str | os.PathLike, embedder: str | Embedder | None = None, 
     if name is not None:
         index._load()
     return index
+
+
+def repair_index(path: str | os.PathLike, lock_timeout: float = 0.0) -> dict:
+    """Set damaged versions aside and make the newest intact version current.
+
+    Versions are tried newest first; each one that fails to load (checksum, parse or
+    cross-check) is moved to `quarantine/`. Returns `{"current": name or None, "quarantined":
+    [names], "documents": n}`. Documents added after the version it goes back to are missing
+    until they are added again (unchanged files are then no-ops, the rest is re-indexed).
+    """
+    import filelock
+
+    root = Path(path).expanduser()
+    if not (root / "versions").is_dir():
+        raise IndexNotFoundError(f"no index at {root}")
+    lock = filelock.FileLock(root / "write.lock", timeout=lock_timeout, preserve_lock_file=True)
+    try:
+        lock.acquire()
+    except filelock.Timeout as exc:
+        raise IndexLockedError(f"index at {root} is being written by another process; repair it when that is done") from exc
+    try:
+        try:
+            current = store.read_current(root)
+        except IndexCorruptError:
+            current = None
+        quarantined: list[str] = []
+        for number in reversed(store.list_versions(root)):
+            name = store.version_name(number)
+            try:
+                _n, _f, manifest = store.open_version(root, name)
+                probe = Index(root, _resolve_embedder(manifest["embedder"]["name"]), ChunkingConfig(), DenseConfig(),
+                              (manifest.get("lexical") or {}).get("stemmer"), SearchConfig(), 0.0, False)
+                probe._load_version(name)
+            except (IndexCorruptError, KeyError, TypeError, ValueError):
+                store.quarantine(root, name)
+                quarantined.append(name)
+                continue
+            if name != current:
+                store.switch_current(root, name)
+            return {"current": name, "quarantined": quarantined, "documents": len(probe._docs)}
+        (root / "CURRENT").unlink(missing_ok=True)
+        return {"current": None, "quarantined": quarantined, "documents": 0}
+    finally:
+        lock.release()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,8 @@ from .errors import IndexCorruptError, IndexNotFoundError
 FORMAT = "parley-retrieval-index"
 FORMAT_VERSION = 1
 KEEP_VERSIONS = 2
+REPAIR_HINT = ("`parley index repair` sets the damaged version aside and goes back to the last intact one; "
+               "then add your documents again to bring it up to date")
 _VERSION_RE = re.compile(r"^v(\d{8})$")
 
 
@@ -145,6 +148,26 @@ def commit_version(root: Path, files: dict[str, Callable[[Path], None]], manifes
     return name
 
 
+def switch_current(root: Path, name: str) -> None:
+    """Atomically point CURRENT at an existing version (used by repair)."""
+    cur_tmp = root / f"CURRENT.tmp-{os.getpid()}"
+    with open(cur_tmp, "w", encoding="ascii") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(cur_tmp, root / "CURRENT")
+    fsync_dir(root)
+
+
+def quarantine(root: Path, name: str) -> Path:
+    """Move a damaged version out of the way (kept for inspection, never loaded again)."""
+    target = root / "quarantine" / f"{name}-{int(time.time())}"
+    target.parent.mkdir(exist_ok=True)
+    os.rename(root / "versions" / name, target)
+    fsync_dir(root / "versions")
+    return target
+
+
 def prune(root: Path, keep: str) -> None:
     """Remove versions older than the last KEEP_VERSIONS and leftovers of crashed saves."""
     vdir = root / "versions"
@@ -213,16 +236,16 @@ def open_version(root: Path, name: str | None = None, verify: bool = True) -> tu
         try:
             size = path.stat().st_size
         except FileNotFoundError as exc:
-            raise IndexCorruptError(f"index at {root}: {name}/{fname} is missing") from exc
+            raise IndexCorruptError(f"index at {root}: {name}/{fname} is missing; " + REPAIR_HINT) from exc
         if size != entry.get("bytes"):
             raise IndexCorruptError(
                 f"index at {root}: {name}/{fname} has {size} bytes, the manifest says {entry.get('bytes')} "
-                "(truncated or replaced); rebuild the index or restore the file"
+                "(truncated or replaced); " + REPAIR_HINT
             )
         digest, _ = file_digest(path)
         if digest != entry.get("sha256"):
             raise IndexCorruptError(
                 f"index at {root}: {name}/{fname} fails its sha256 checksum (corrupted or modified); "
-                "rebuild the index or restore the file"
+                + REPAIR_HINT
             )
     return name, folder, manifest

@@ -204,3 +204,21 @@ def test_old_versions_are_pruned(built):
     versions = store.list_versions(idx.root)
     assert len(versions) == store.KEEP_VERSIONS
     assert store.version_name(versions[-1]) == idx.info()["version"]
+
+
+def test_repair_sets_a_damaged_version_aside_and_rolls_back(built, tmp_path):
+    idx, docs = built
+    (docs / "c.txt").write_text("Cheetahs sprint faster than any other land animal.")
+    idx.add_paths([docs])
+    damaged = idx.info()["version"]
+    _corrupt(current_folder(idx.root), "chunks.json", "flip")
+    with pytest.raises(IndexCorruptError, match="repair"):
+        open_index(idx.root)
+    result = retrieval.repair_index(idx.root)
+    assert result["quarantined"] == [damaged] and result["current"] != damaged
+    reopened = open_index(idx.root)
+    assert {d.title for d in reopened.documents()} == {"a", "b"}
+    assert (idx.root / "quarantine").is_dir()
+    # Adding the sources again brings it up to date; unchanged files are no-ops.
+    statuses = {Path(f.path).name: f.status for f in reopened.add_paths([docs]).files}
+    assert statuses == {"a.txt": "unchanged", "b.txt": "unchanged", "c.txt": "added"}
