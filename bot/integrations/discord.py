@@ -100,7 +100,9 @@ class ParleyDiscord(_client_base()):  # type: ignore[misc]
         self.sync_commands = sync_commands
         self.on_first_post = on_first_post
         self.locks = KeyedLocks()
-        self.cancel = threading.Event()  # set on close: running generations stop within one step
+        # One cancel flag per running turn (the engine sets a turn's flag when its stream closes,
+        # so a shared one would cancel every later turn); close() sets them all.
+        self._running: set[threading.Event] = set()
         self.tree = app_commands.CommandTree(self)
         for name, verb in self.commands.items():
             self.tree.add_command(self._command(name, verb))
@@ -112,7 +114,8 @@ class ParleyDiscord(_client_base()):  # type: ignore[misc]
             await self.tree.sync()
 
     async def close(self) -> None:
-        self.cancel.set()
+        for cancel in list(self._running):
+            cancel.set()
         await super().close()
 
     # -- messages --
@@ -193,13 +196,18 @@ class ParleyDiscord(_client_base()):  # type: ignore[misc]
         sink = _LoopSink(asyncio.get_running_loop(), timed_post, edit)
 
         def run_turn():
-            with self.locks.get(conversation_id):
-                settings = resolve_settings(self.store, scopes)
-                options = turn_options(settings, source="discord", conversation_id=conversation_id,
-                                       params=self.params)
-                conversation = self.store.history(conversation_id) + [{"role": "user", "content": text}]
-                events = self.assistant.respond(conversation, options, cancel=self.cancel)
-                return stream_reply(events, sink, limit=DISCORD_LIMIT, interval=self.interval)
+            cancel = threading.Event()
+            self._running.add(cancel)
+            try:
+                with self.locks.get(conversation_id):
+                    settings = resolve_settings(self.store, scopes)
+                    options = turn_options(settings, source="discord", conversation_id=conversation_id,
+                                           params=self.params)
+                    conversation = self.store.history(conversation_id) + [{"role": "user", "content": text}]
+                    events = self.assistant.respond(conversation, options, cancel=cancel)
+                    return stream_reply(events, sink, limit=DISCORD_LIMIT, interval=self.interval)
+            finally:
+                self._running.discard(cancel)
 
         try:
             typing = channel.typing() if channel is not None else _nothing()

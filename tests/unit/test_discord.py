@@ -48,6 +48,7 @@ def test_mention_real_tiny_model_reply_streamed_and_stored(store, tiny_model_dir
 
         async def scenario(client, mock):
             await client.handle_message(make_message(client, mock, f"<@{BOT_ID}> hello there"))
+            await client.handle_message(make_message(client, mock, f"<@{BOT_ID}> a second question"))
             return mock
 
         mock = run(scenario, assistant, store, interval=0.1, params=GenerationParams(max_new_tokens=24))
@@ -59,10 +60,12 @@ def test_mention_real_tiny_model_reply_streamed_and_stored(store, tiny_model_dir
     assert first["message_reference"]["message_id"]  # a reply to the question
     assert first["allowed_mentions"] == {"parse": [], "replied_user": False}
     assert any(c.path.endswith("/typing") for c in mock.calls)
-    conversation = store.list_conversations(source="discord")[0]
-    turn = store.turns(conversation["id"])[0]
-    assert turn.messages == [{"role": "user", "content": "hello there"}]
-    assert turn.external_id == f"discord:{sent[0].result['id']}"
+    turns = {t.messages[0]["content"]: t for c in store.list_conversations(source="discord")
+             for t in store.turns(c["id"])}
+    assert set(turns) == {"hello there", "a second question"}
+    assert turns["hello there"].external_id == f"discord:{sent[0].result['id']}"
+    # Each turn has its own cancel flag: the first turn ending must not cancel the second.
+    assert all(t.finish_reason in ("stop", "length") for t in turns.values())
 
 
 def test_streamed_edits_and_allowed_mentions_none(store):
