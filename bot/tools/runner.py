@@ -224,13 +224,24 @@ class ToolRunner:
             note = f"(The {route.tool} tool failed: {outcome.tool_calls[-1]['error']})"
             outcome.messages[-1] = {**outcome.messages[-1], "content": f"{text}\n\n{note}"}
             return
+        vector = self._reusable_vector(route, text, options)
         if route is not None and route.tool == "search":
-            vector = route.query_vector if route.arguments.get("query") == text else None
+            vector = vector if route.arguments.get("query") == text else None
             yield from self._search_into_prompt(route.arguments["query"], outcome, options, allowed, budget,
                                                 via="router", vector=vector, question=text)
         elif options.always_search:
             yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search",
-                                                vector=route.query_vector if route is not None else None)
+                                                vector=vector)
+
+    def _reusable_vector(self, route: Route | None, text: str, options):
+        """The router's embedding of the message, when the index was built with the same embedder."""
+        if route is None or route.query_vector is None or self.search is None or self.router is None:
+            return None
+        try:
+            same = self.search.embedder_name(options.index) == getattr(self.router.embedder, "name", None)
+        except Exception:
+            return None
+        return route.query_vector if same else None
 
     def _search_into_prompt(self, query: str, outcome: ToolOutcome, options, allowed: list[str], budget: _Budget, *,
                             via: str, vector=None, question: str | None = None):

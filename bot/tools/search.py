@@ -67,6 +67,11 @@ class DocumentSearch:
             log.warning("index %r is not usable", name, exc_info=True)
             return False
 
+    def embedder_name(self, index_name: str) -> str | None:
+        """The embedder an index was built with (a router vector is reusable only from the same one)."""
+        index = self.index(index_name)
+        return None if index is None else index.info()["embedder"]
+
     def search(self, query: str, index_name: str, k: int | None = None, *, query_vector=None) -> list[dict[str, Any]]:
         """Best passages first, as source dicts numbered from 1."""
         index = self.index(index_name)

@@ -407,6 +407,8 @@ class Translator:
             translated = backend.translate(pieces, src, tgt, cancel, deadline) if pieces else []
         else:
             translated = backend.translate(pieces, src, tgt, cancel) if pieces else []
+        # A translated line must not bring its own line breaks: the layout is the original's.
+        translated = [re.sub(r"\s*\n\s*", " ", t).strip() for t in translated]
         out: list[str] = []
         pos = 0
         for (i, n), (_line, sep) in zip(slots, layout):
