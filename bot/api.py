@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bot.assistant import TurnOptions
 from bot.engine import BASE, GenerationParams
-from bot.errors import ParleyError, RequestError
+from bot.errors import NotFoundError, ParleyError, RequestError
 from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
 from bot.runtime import Runtime
 
@@ -279,6 +279,29 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
             raise RequestError("send {\"name\": \"my-adapter\", \"path\": \"/path/to/adapter\"}")
         await asyncio.to_thread(runtime.engine.load_adapter, body["name"], body["path"])
         return {"name": body["name"], "loaded": sorted(runtime.engine.adapters)}
+
+    @app.post("/v1/train", status_code=202)
+    async def start_training(request: Request):
+        """Fine-tune a LoRA adapter on the chat's feedback; when it finishes the chat can use it."""
+        body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
+        if not isinstance(body, dict):
+            raise RequestError("send {\"name\": \"my-adapter\", \"max_steps\": optional number}")
+        max_steps = body.get("max_steps")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise RequestError("max_steps must be a whole number >= 1")
+        job = runtime.jobs.start_from_feedback(body.get("name"), max_steps=max_steps)
+        return job.to_dict()
+
+    @app.get("/v1/train")
+    async def list_training():
+        return {"jobs": [job.to_dict() for job in runtime.jobs.jobs.values()]}
+
+    @app.get("/v1/train/{name}")
+    async def get_training(name: str):
+        job = runtime.jobs.jobs.get(name)
+        if job is None:
+            raise NotFoundError(f"no training job named {name!r}")
+        return job.to_dict()
 
     if with_ui:
         import gradio as gr

@@ -21,6 +21,10 @@ SETTING_FLAGS = ("model", "device", "dtype", "system_prompt", "max_new_tokens", 
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
+    parser.set_defaults(setting_flags=True)
+    # SUPPRESS: an absent sub-command flag must not overwrite a --config given before the verb.
+    parser.add_argument("--config", dest="settings_file", default=argparse.SUPPRESS,
+                        help="a TOML settings file (or PARLEY_CONFIG)")
     parser.add_argument("--model", help="smollm2-135m (embedded), a Hugging Face id, a model folder or a .gguf file")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="load a LoRA adapter (repeatable; safetensors only)")
@@ -41,11 +45,14 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) 
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    flags: dict[str, Any] = {k: getattr(args, k, None) for k in SETTING_FLAGS}
-    flags["home"] = args.home
-    if getattr(args, "adapter", None):
-        flags["adapters"] = parse_adapter_specs(args.adapter)
-    return load_settings(flags, config_file=args.config)
+    flags: dict[str, Any] = {"home": args.home}
+    # Only verbs built with add_setting_flags map their flags onto Settings; plugged verbs (index,
+    # finetune, ...) have flags of their own that merely share a name (--model, --config...).
+    if getattr(args, "setting_flags", False):
+        flags.update({k: getattr(args, k, None) for k in SETTING_FLAGS})
+        if getattr(args, "adapter", None):
+            flags["adapters"] = parse_adapter_specs(args.adapter)
+    return load_settings(flags, config_file=args.settings_file)
 
 
 def build_assistant_factory(args: argparse.Namespace) -> Callable[[], Any]:
@@ -85,7 +92,8 @@ PLUGGED_VERBS = ("retrieval.cli", "finetune.cli", "bot.integrations.slack", "bot
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Parley: a chat assistant you can train.")
     parser.add_argument("--home", type=Path, default=None, help="PARLEY_HOME (default ~/.parley)")
-    parser.add_argument("--config", default=None, help="a TOML settings file (or PARLEY_CONFIG)")
+    parser.add_argument("--config", dest="settings_file", default=None,
+                        help="a TOML settings file (or PARLEY_CONFIG); give it before the verb")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 

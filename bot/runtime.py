@@ -13,6 +13,7 @@ from pathlib import Path
 from bot.assistant import Assistant
 from bot.config import Settings
 from bot.engine import Engine
+from bot.jobs import TrainingJobs
 from bot.models import load_model
 from bot.store import Store
 
@@ -25,6 +26,7 @@ class Runtime:
     engine: Engine
     store: Store
     assistant: Assistant
+    jobs: TrainingJobs
     load_seconds: float
 
 
@@ -66,4 +68,5 @@ def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool
     tools = build_tools(engine, settings) if with_tools else None
     assistant = Assistant(engine, store=store, system_prompt=settings.system_prompt, tools=tools)
     return Runtime(settings=settings, engine=engine, store=store, assistant=assistant,
+                   jobs=TrainingJobs(engine, settings.home, settings.model),
                    load_seconds=time.perf_counter() - started)

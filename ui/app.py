@@ -160,7 +160,37 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 refresh = gr.Button("Reload adapters", size="sm")
                 tools = gr.CheckboxGroup(TOOL_CHOICES, value=TOOL_CHOICES, label="Tools allowed")
                 always_search = gr.Checkbox(False, label="Always search my documents")
+        with gr.Accordion("Train from feedback", open=False):
+            gr.Markdown("Fine-tune a LoRA adapter on the replies rated 👍 (and corrected) in this chat. "
+                        "Training runs in the background; when it finishes the adapter appears above.")
+            with gr.Row():
+                train_name = gr.Textbox(label="Adapter name", placeholder="feedback-…", scale=2)
+                train_steps = gr.Number(value=30, precision=0, label="Max steps", scale=1)
+                train_button = gr.Button("Train", variant="secondary", scale=1)
+                train_refresh = gr.Button("Refresh status", size="sm", scale=1)
+            train_status = gr.Markdown("")
         settings = [system, temperature, top_p, max_tokens, seed, adapter, tools, always_search]
+
+        def job_status():
+            jobs = list(runtime.jobs.jobs.values())
+            if not jobs:
+                return "No training run yet.", gr.update(choices=adapter_choices())
+            job = jobs[-1]
+            text = f"**{job.name}**: {job.status}" + (f" — {job.error}" if job.error else "")
+            tail = job.tail(6)
+            if tail:
+                text += f"\n```\n{tail}\n```"
+            return text, gr.update(choices=adapter_choices())
+
+        def start_training(name, steps):
+            try:
+                runtime.jobs.start_from_feedback(name or None, max_steps=int(steps) if steps else None)
+            except ParleyError as exc:
+                raise gr.Error(str(exc)) from None
+            return job_status()
+
+        train_button.click(start_training, [train_name, train_steps], [train_status, adapter], api_name=False)
+        train_refresh.click(job_status, None, [train_status, adapter], api_name=False)
 
         def submit(user_text, conversation_id, *settings_values):
             if not user_text or not user_text.strip():

@@ -1,0 +1,53 @@
+"""The loop that makes Parley one product: chat -> feedback -> fine-tune -> the chat uses the adapter."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from bot.api import create_app
+from tests.helpers import build_test_runtime, running_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    runtime = build_test_runtime(tiny_model_dir, tmp_path_factory.mktemp("loop-home"), max_new_tokens_cap=16)
+    with running_server(create_app(runtime, with_ui=False)) as url:
+        yield url, runtime
+    runtime.engine.close()
+
+
+def test_feedback_trains_an_adapter_the_chat_switches_to(server):
+    url, runtime = server
+    for question in ("What is 2+2?", "Name a colour.", "Say hi.", "Count to three."):
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0})
+        turn_id = r.json()["parley"]["turn_id"]
+        httpx.post(url + "/v1/feedback", json={"turn_id": turn_id, "rating": 1, "correction": f"Answer: {question}"})
+
+    r = httpx.post(url + "/v1/train", json={"name": "from-chat", "max_steps": 3}, timeout=30)
+    assert r.status_code == 202, r.text
+    # A second job while one runs is refused, not queued silently.
+    assert httpx.post(url + "/v1/train", json={"name": "other"}).status_code == 400
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        job = httpx.get(url + "/v1/train/from-chat").json()
+        if job["status"] != "running":
+            break
+        time.sleep(1)
+    assert job["status"] == "succeeded", job
+    models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert "from-chat" in models
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": "from-chat", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8})
+    assert r.status_code == 200
+    assert runtime.store.get_turn(r.json()["parley"]["turn_id"]).adapter == "from-chat"
+
+
+def test_bad_training_requests_are_refused(server):
+    url, _ = server
+    assert httpx.post(url + "/v1/train", json={"name": "../escape"}).status_code == 400
+    assert httpx.post(url + "/v1/train", json={"max_steps": -1}).status_code == 400
+    assert httpx.get(url + "/v1/train/nope").status_code == 404
