@@ -110,6 +110,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept (default 2)")
     p.add_argument("--max-reject-share", type=float, help="abort above this share of rejected rows (default 0.05)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -125,7 +126,8 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
-_NOT_SETTINGS = {"func", "finetune_verb", "verb", "home", "config", "set", "from_feedback", "command"}
+_NOT_SETTINGS = {"func", "finetune_verb", "verb", "home", "config", "set", "from_feedback", "command",
+                 "settings", "settings_file", "build_assistant", "verbose"}  # added by the main CLI
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

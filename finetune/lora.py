@@ -113,6 +113,8 @@ class LoraConfig:
     """Seed of LoRA init, dropout and batch order; the same seed gives the same losses."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda. Under `accelerate launch` the launcher decides."""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default (all cores). On a busy machine 1 can be faster."""
     eval_every: int = 50
     """Evaluate (loss, perplexity) every N steps, and at the end; 0 = only at the end."""
     eval_at_start: bool = True
@@ -150,7 +152,7 @@ class LoraConfig:
                      "max_eval_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+        for name in ("max_steps", "warmup_steps", "eval_every", "threads", "save_every", "keep_checkpoints",
                      "stop_after_steps", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be 0 or more")
@@ -172,13 +174,13 @@ class LoraConfig:
             raise FinetuneError("invalid LoRA settings:\n  " + "\n  ".join(problems))
 
 
-def resolve_output(output: str, home: Path, default_name: str = "") -> Path:
-    """A bare name (no path separator) lands in PARLEY_HOME/adapters/NAME; a path is used as is."""
+def resolve_output(output: str, home: Path, default_name: str = "", kind: str = "adapters") -> Path:
+    """A bare name (no path separator) lands in PARLEY_HOME/<kind>/NAME; a path is used as is."""
     name = output or default_name
     if not name:
-        raise FinetuneError("--output is required: a folder path, or a bare NAME for PARLEY_HOME/adapters/NAME")
+        raise FinetuneError(f"--output is required: a folder path, or a bare NAME for PARLEY_HOME/{kind}/NAME")
     if os.sep not in name and "/" not in name and name not in (".", "..") and not name.startswith("~"):
-        return Path(home) / "adapters" / name
+        return Path(home) / kind / name
     return Path(name).expanduser()
 
 
@@ -212,7 +214,7 @@ def make_scheduler(optimizer, cfg: LoraConfig, total_steps: int):
     from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
                               get_linear_schedule_with_warmup)
 
-    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+    warmup = getattr(cfg, "warmup_steps", 0) or int(math.ceil(cfg.warmup_ratio * total_steps))
     if cfg.lr_scheduler == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
     make = get_cosine_schedule_with_warmup if cfg.lr_scheduler == "cosine" else get_linear_schedule_with_warmup
@@ -231,6 +233,8 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
 
     # ---- setup ------------------------------------------------------------------------------
     started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     device = accelerator.device
@@ -242,19 +246,21 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     _prepare_output(output, cfg, main)
     accelerator.wait_for_everyone()
 
-    # ---- data -------------------------------------------------------------------------------
-    loaded = load_model(cfg.model, home, device="cpu", dtype="bfloat16" if precision == "bf16" and
-                        device.type == "cuda" else "float32", progress=main and cfg.progress)
-    tokenizer = loaded.tokenizer
+    # ---- data (read and checked before the model loads, so bad data fails fast) ---------------
     report = D.DataReport()
     if from_feedback:
         examples, _ = D.load_feedback(home, min_rating=cfg.min_feedback_rating, report=report)
     else:
         examples, _ = D.load_examples(cfg.data, cfg.format, report=report)
-    train_enc = D.encode_all(tokenizer, examples, report, max_length=cfg.max_length, overlong=cfg.overlong)
+    report.check(cfg.max_reject_share)  # structural rejects, before anything is tokenized
     if cfg.eval_data:
         eval_report = D.DataReport()
         eval_examples, _ = D.load_examples(cfg.eval_data, cfg.format, report=eval_report)
+    loaded = load_model(cfg.model, home, device="cpu", dtype="bfloat16" if precision == "bf16" and
+                        device.type == "cuda" else "float32", progress=main and cfg.progress)
+    tokenizer = loaded.tokenizer
+    train_enc = D.encode_all(tokenizer, examples, report, max_length=cfg.max_length, overlong=cfg.overlong)
+    if cfg.eval_data:
         eval_enc = D.encode_all(tokenizer, eval_examples, eval_report, max_length=cfg.max_length,
                                 overlong=cfg.overlong)
         eval_report.check(cfg.max_reject_share)
