@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import json
 import logging
 import threading
@@ -184,7 +185,8 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         status = getattr(exc, "status", 500)
         if status >= 500:
             log.error("request failed: %s", exc)
-        return error_response(status, str(exc), "invalid_request_error" if status < 500 else "server_error")
+        return error_response(status, str(exc), "invalid_request_error" if status < 500 else "server_error",
+                              {"Retry-After": "1"} if status == 503 else None)
 
     @app.get("/health")
     async def health():
@@ -218,7 +220,10 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
                     done = event
             assert done is not None
             if done.finish_reason == "error":
-                return error_response(500, done.error or "generation failed", "server_error")
+                status = done.status if done.status >= 400 else 500
+                return error_response(status, done.error or "generation failed",
+                                      "invalid_request_error" if status < 500 else "server_error",
+                                      {"Retry-After": "1"} if status == 503 else None)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                  "finish_reason": _finish(done)}],
@@ -229,10 +234,35 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
                        "model": req.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
             return f"data: {json.dumps(payload)}\n\n"
 
+        # Wait for the first event before sending headers, so a turn refused at admission (server
+        # busy, a tool-less failure) gets a real HTTP status instead of an error inside a 200 stream.
+        stream_events = _aiter(events, cancel)
+        first = await anext(stream_events, None)
+        if isinstance(first, Done) and first.finish_reason == "error":
+            await stream_events.aclose()
+            status = first.status if first.status >= 400 else 500
+            return error_response(status, first.error or "generation failed",
+                                  "invalid_request_error" if status < 500 else "server_error",
+                                  {"Retry-After": "1"} if status == 503 else None)
+
+        async def replay_first() -> AsyncIterator[Event]:
+            if first is not None:
+                yield first
+            async for event in stream_events:
+                yield event
+
         async def sse() -> AsyncIterator[str]:
+            try:
+                async for line in sse_lines():
+                    yield line
+            finally:  # the client went away or the stream ended: stop generating either way
+                cancel.set()
+                await stream_events.aclose()
+
+        async def sse_lines() -> AsyncIterator[str]:
             steps: list[dict[str, Any]] = []
             yield chunk({"role": "assistant", "content": ""})
-            async for event in _aiter(events, cancel):
+            async for event in replay_first():
                 if await request.is_disconnected():
                     cancel.set()
                     return
@@ -302,6 +332,12 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         if job is None:
             raise NotFoundError(f"no training job named {name!r}")
         return job.to_dict()
+
+    if os.environ.get("SLACK_SIGNING_SECRET") and os.environ.get("SLACK_BOT_TOKEN"):
+        # Slack's HTTP Events API beside the chat (Socket Mode needs no server: `parley slack`).
+        from bot.integrations.slack import mount_slack
+
+        mount_slack(app, runtime.assistant, runtime.store)
 
     if with_ui:
         import gradio as gr

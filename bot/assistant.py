@@ -122,7 +122,7 @@ class Assistant:
                         reply_parts.append(event.text)
                     yield event
         except ParleyError as exc:
-            done = Done(finish_reason="error", error=str(exc))
+            done = Done(finish_reason="error", error=str(exc), status=exc.status)
         except GeneratorExit:
             cancel.set()
             done = Done(finish_reason="cancelled")
@@ -130,10 +130,11 @@ class Assistant:
             raise
         except Exception as exc:  # never a stack trace to the user; details go to the log
             log.exception("chat turn failed")
-            done = Done(finish_reason="error", error=f"something went wrong ({type(exc).__name__}); see the server log")
+            done = Done(finish_reason="error", error=f"something went wrong ({type(exc).__name__}); see the server log",
+                        status=500)
         turn_id = self._store(messages, options, "".join(reply_parts), done, outcome)
         yield Done(finish_reason=done.finish_reason, usage=done.usage, error=done.error, turn_id=turn_id,
-                   sources=tuple(outcome.sources))
+                   sources=tuple(outcome.sources), status=done.status if done.error else 200)
 
     def _store(self, messages: list[Message], options: TurnOptions, reply: str, done: Done,
                outcome: ToolOutcomeView) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from bot.chat import Message, fit_to_context, render_ids
-from bot.errors import GenerationError, NotFoundError, RequestError
+from bot.errors import BusyError, GenerationError, NotFoundError, RequestError
 from bot.events import Done, Event, TextDelta, Usage
 from bot.models import LoadedModel, validate_adapter_dir
 
@@ -199,7 +199,7 @@ class Engine:
         try:
             self._pending.put_nowait(request)
         except queue.Full:
-            raise RequestError("the server is busy (queue full): try again in a moment") from None
+            raise BusyError("the server is busy (queue full): try again in a moment") from None
         return self._events(request)
 
     def generate(self, messages: list[Message], params: GenerationParams | None = None, **kwargs) -> tuple[str, Done]:

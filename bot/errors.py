@@ -44,6 +44,12 @@ class ContextOverflowError(RequestError):
     status = 400
 
 
+class BusyError(ParleyError):
+    """The server is at capacity; the client should retry shortly (HTTP 503 with Retry-After)."""
+
+    status = 503
+
+
 class GenerationError(ParleyError):
     """The model failed while generating."""
 

@@ -75,6 +75,8 @@ class Done:
     error: str | None = None
     turn_id: str | None = None
     sources: tuple[dict[str, Any], ...] = ()
+    status: int = 200
+    """For errors: the HTTP status that fits (4xx the client's fault, 503 busy, 500 ours)."""
 
 
 Event = Union[TextDelta, ToolStarted, ToolFinished, Done]

@@ -105,21 +105,24 @@ def test_queue_full_answers_promptly(server):
         gate.wait(10)  # returns None: a pre-hook's return value would replace the inputs
 
     runtime.engine.model.register_forward_pre_hook(hold)
-    statuses = []
+    statuses, retry_after = [], []
 
     def one():
         r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=30,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         statuses.append(r.status_code)
+        if r.status_code == 503:
+            retry_after.append(r.headers.get("retry-after"))
 
     threads = [threading.Thread(target=one) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads[:]:
         t.join(timeout=3)
-    refused_fast = statuses.count(400)
+    refused_fast = statuses.count(503)
     gate.set()
     for t in threads:
         t.join()
     assert refused_fast >= 1, statuses          # the extras were told "busy" within 3 s
     assert statuses.count(200) >= 2, statuses   # the accepted ones finished
+    assert set(statuses) <= {200, 503} and all(retry_after), (statuses, retry_after)
