@@ -86,7 +86,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # Verbs that live in other packages: module -> the add_parser it exposes. Optional parts that
 # are not installed are left out of the command list instead of breaking `parley`.
-PLUGGED_VERBS = ("retrieval.cli", "finetune.cli", "bot.integrations.slack", "bot.integrations.discord")
+PLUGGED_VERBS = ("retrieval.cli", "finetune.cli", "bot.integrations.slack", "bot.integrations.discord",
+                 "bot.space")
 
 
 def build_parser() -> argparse.ArgumentParser:
