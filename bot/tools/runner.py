@@ -302,7 +302,9 @@ class ToolRunner:
     # -- native tool calling ---------------------------------------------------------------------------
     def _native_loop(self, outcome: ToolOutcome, options, allowed: list[str], budget: _Budget,
                      cancel: threading.Event):
-        offered = [t for t in allowed if t != "search" or self._search_ready(options)]
+        # Offer search only when there is something to search (a custom search tool without a
+        # DocumentSearch is always offered).
+        offered = [t for t in allowed if t != "search" or self.search is None or self._search_ready(options)]
         if not offered:
             return
         schemas = self.registry.schemas(offered)
