@@ -82,7 +82,10 @@ class _Request:
     deadline: float
     submitted: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the decoded text already sent
+    text: str = ""  # decoded reply so far
+    emitted: int = 0  # characters of ``text`` already sent
+    prefix_offset: int = 0  # incremental detokenization window (see Engine._flush)
+    read_offset: int = 0
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     position: int = 0  # position id of the next token
@@ -316,7 +319,9 @@ class Engine:
     def _decode_step(self, active: list[_Request], cache, mask) -> list[int]:
         last = torch.tensor([[r.generated[-1]] for r in active], device=self.device)
         positions = torch.tensor([[r.position] for r in active], device=self.device)
-        attention = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        # Without padding (one row, or rows of equal length) the causal mask is implied; skipping
+        # it saves building a 4-D mask every step.
+        attention = None if bool(mask.all()) else torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         out = self.model(input_ids=last, attention_mask=attention, position_ids=positions,
                          cache=cache, use_cache=True, **self._adapter_kwargs([r.adapter for r in active]))
         for r in active:
@@ -386,15 +391,22 @@ class Engine:
         Text that might be the start of a multi-byte character or of a stop string is held back
         until the next token decides it, so a stop string never leaks to the client.
         """
-        text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        # Decode only a small window of recent tokens: a token's text can depend on its neighbours
+        # (byte pieces, leading spaces), so decode [prefix:read] and [prefix:] and keep the
+        # difference, as text-generation-inference does. This keeps each step O(1) in reply length.
+        ids = request.generated
+        before = self.tokenizer.decode(ids[request.prefix_offset:request.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[request.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            request.text += after[len(before):]
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+        text = request.text
         stop_at = min((i for i in (text.find(s, max(0, request.emitted - len(s))) for s in request.params.stop)
                        if i >= 0), default=-1)
         if stop_at >= 0:
             text, final = text[:stop_at], True
         safe = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
             for s in request.params.stop:
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text[:safe].endswith(s[:k]):

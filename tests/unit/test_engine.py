@@ -193,3 +193,16 @@ def test_missing_model_error_says_what_was_tried(tmp_path):
         load_model("no-such-model", tmp_path, progress=False)
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path), tmp_path, progress=False)
+
+
+def test_greedy_output_matches_transformers_generate(engine):
+    """Same tokens as plain generate(), and incremental detokenization loses no byte."""
+    tok = engine.tokenizer
+    for prompt in PROMPTS[:4]:
+        messages = msgs(prompt)
+        text, done = engine.generate(messages, GenerationParams(temperature=0, max_new_tokens=20))
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = engine.model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text == expected
