@@ -206,3 +206,25 @@ def test_greedy_output_matches_transformers_generate(engine):
             out = engine.model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=0)
         expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert text == expected
+
+
+def test_a_crash_inside_generation_fails_that_turn_only(tiny_model_dir, tmp_path):
+    loaded = load_model(str(tiny_model_dir), tmp_path, progress=False)
+    calls = {"n": 0}
+
+    def explode_on_third_pass(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated out of memory")
+
+    handle = loaded.model.register_forward_pre_hook(explode_on_third_pass)
+    eng = Engine(loaded)
+    try:
+        text, done = eng.generate(msgs("hi"), GenerationParams(temperature=1.0, seed=1, max_new_tokens=20))
+        assert done.finish_reason == "error" and "RuntimeError" in done.error
+        assert "simulated" not in done.error  # details go to the log, not to the user
+        handle.remove()
+        _, ok = eng.generate(msgs("hi"), GREEDY)  # the worker survived and serves the next turn
+        assert ok.finish_reason in ("stop", "length")
+    finally:
+        eng.close()
