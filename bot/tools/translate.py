@@ -226,9 +226,10 @@ class ChatModelBackend:
     PROMPT = ("Translate the following text from {source} to {target}. Reply with the {target} translation "
               "only, without notes.\n\n{text}")
 
-    def __init__(self, engine, *, max_new_tokens: int = 512):
+    def __init__(self, engine, *, max_new_tokens: int = 512, parallel: int = 4):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+        self.parallel = parallel
         self.name = f"chat model ({getattr(engine, 'model_name', 'chat')})"
 
     def supports(self, source: Lang, target: Lang) -> bool:
@@ -236,25 +237,32 @@ class ChatModelBackend:
 
     def translate(self, pieces: list[str], source: Lang, target: Lang, cancel: threading.Event | None,
                   deadline: float | None = None) -> list[str]:
+        """Pieces go to the engine concurrently (up to ``parallel``), so its batching decodes them together."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(pieces) <= 1:
+            return [self._one(p, source, target, cancel, deadline) for p in pieces]
+        with ThreadPoolExecutor(max_workers=min(self.parallel, len(pieces)), thread_name_prefix="parley-mt") as pool:
+            return list(pool.map(lambda p: self._one(p, source, target, cancel, deadline), pieces))
+
+    def _one(self, piece: str, source: Lang, target: Lang, cancel: threading.Event | None,
+             deadline: float | None) -> str:
         from bot.engine import GenerationParams
 
-        out = []
-        for piece in pieces:
-            if cancel is not None and cancel.is_set():
-                raise ToolError("translation was cancelled")
-            n_tokens = len(self.engine.tokenizer(piece)["input_ids"])
-            params = GenerationParams(max_new_tokens=min(self.max_new_tokens, 2 * n_tokens + 24), temperature=0.0,
-                                      repetition_penalty=1.1)
-            messages = [{"role": "system", "content": "You are a careful translator."},
-                        {"role": "user", "content": self.PROMPT.format(source=source.name, target=target.name,
-                                                                       text=piece)}]
-            text, done = _generate_linked(self.engine, messages, params, cancel, deadline)
-            if done.finish_reason == "cancelled":
-                raise ToolError("translation was stopped (cancelled or out of time)")
-            if done.finish_reason == "error":
-                raise ToolError(f"the chat model could not translate: {done.error}")
-            out.append(clean_chat_translation(text, piece))
-        return out
+        if cancel is not None and cancel.is_set():
+            raise ToolError("translation was cancelled")
+        n_tokens = len(self.engine.tokenizer(piece)["input_ids"])
+        params = GenerationParams(max_new_tokens=min(self.max_new_tokens, 2 * n_tokens + 24), temperature=0.0,
+                                  repetition_penalty=1.1)
+        messages = [{"role": "system", "content": "You are a careful translator."},
+                    {"role": "user", "content": self.PROMPT.format(source=source.name, target=target.name,
+                                                                   text=piece)}]
+        text, done = _generate_linked(self.engine, messages, params, cancel, deadline)
+        if done.finish_reason == "cancelled":
+            raise ToolError("translation was stopped (cancelled or out of time)")
+        if done.finish_reason == "error":
+            raise ToolError(f"the chat model could not translate: {done.error}")
+        return clean_chat_translation(text, piece)
 
 
 def _generate_linked(engine, messages, params, parent: threading.Event | None, deadline: float | None):
