@@ -149,6 +149,8 @@ def run_lora(args: argparse.Namespace) -> int:
         args.data = ["feedback"]
     cfg = config_from_sources(LoraConfig, args.config, _overrides(args), "lora")
     result = train_lora(cfg, Path(args.home))
+    if not result.get("main_process", True):
+        return 0
     if result.get("stopped_early"):
         print(f"stopped after step {result['step']} of {result['total_steps']}; continue with --resume")
     else:

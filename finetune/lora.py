@@ -1,11 +1,13 @@
 """The LoRA recipe, top to bottom: setup -> data -> model -> train -> evaluate -> save.
 
     parley finetune lora --data FILE [--eval-data FILE] --output DIR [--config recipe.toml]
-    accelerate launch --num_processes 2 -m finetune lora ...     (several GPUs/processes: DDP)
+    accelerate launch --multi_gpu --num_processes N -m finetune lora ...   (N GPUs, or N CPU processes
+                                                                         with --device cpu: DDP)
 
 One process per device; with several processes every global batch is split between them and the
 loss is normalized by the trained tokens of the whole global batch, so 2 processes x batch 2 trains
-the same as 1 process x batch 4. FSDP works where ``accelerate config`` sets it up.
+the same as 1 process x batch 4 (tested on 2 CPU processes). FSDP is configured through
+``accelerate config``; it is not tested here (checkpoints gather the LoRA weights on each process).
 
 Output folder (``--output DIR``; a bare name means PARLEY_HOME/adapters/NAME)::
 
@@ -235,6 +237,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Under `accelerate launch --multi_gpu` (torchrun) with device=cpu, processes join a gloo group.
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     device = accelerator.device
@@ -403,6 +406,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
         metrics.write({"step": 0, **last_eval})
         if main:
             log.info("step 0 (untrained): eval loss %.4f, perplexity %.2f", last_eval["eval_loss"], last_eval["eval_ppl"])
+    window_start = time.time()  # throughput counts training time only
     stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
     try:
         while step < stop_at:
@@ -491,7 +495,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
 
     if step < total_steps:  # stopped early on purpose (stop_after_steps)
         return {"output": str(output), "step": step, "total_steps": total_steps, "stopped_early": True,
-                "final_loss": loss_value}
+                "final_loss": loss_value, "main_process": main}
 
     # ---- evaluate + save ------------------------------------------------------------------------
     final_eval = evaluate()
@@ -532,7 +536,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
         log.info("adapter saved to %s (eval loss %s); use it with: parley chat --adapter %s=%s", output,
                  f"{final_eval['eval_loss']:.4f}" if final_eval else "n/a", output.name, output)
     accelerator.wait_for_everyone()
-    return {"output": str(output), "total_steps": total_steps, **final}
+    return {"output": str(output), "total_steps": total_steps, "main_process": main, **final}
 
 
 # ------------------------------------------------------------------------------------------------
