@@ -179,6 +179,11 @@ def main() -> int:
                      "args": {k: str(v) for k, v in vars(args).items()}}
     rows: list[tuple[str, str]] = []
 
+    def checkpoint() -> None:
+        # Partial results survive an interrupted run (the full run takes long on 2 cores).
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(results, table=rows), indent=2))
+
     corpus, queries, qrels = load_scifact(args.data)
     qids = sorted(qrels)
     if args.queries:
@@ -207,6 +212,7 @@ def main() -> int:
         rows.append(("index build (load+chunk+embed+BM25+save)",
                      f"{n_chunks} chunks in {build_s:.0f}s = {n_chunks / build_s:.1f} chunks/s ({len(corpus) / build_s:.1f} docs/s)"))
         print(rows[-1], flush=True)
+        checkpoint()
     else:
         print(f"reusing index at {folder} ({len(index)} chunks)", flush=True)
 
@@ -234,6 +240,7 @@ def main() -> int:
                      f"{len(sample) / plain_s:.1f} vs {len(sample) / ours_s:.1f} chunks/s (x{plain_s / ours_s:.2f}, "
                      f"min cos {cos.min():.4f}, {embedder.precision})"))
         print(rows[-1], flush=True)
+        checkpoint()
         del plain
 
     # -- quality ------------------------------------------------------------------------------
@@ -249,6 +256,7 @@ def main() -> int:
         results["quality"][mode] = {"ndcg@10": float(np.mean(nd)), "recall@100": float(np.mean(rc))}
         rows.append((f"SciFact train {mode}", f"nDCG@10 {np.mean(nd):.4f}  recall@100 {np.mean(rc):.4f}"))
         print(rows[-1], flush=True)
+        checkpoint()
 
     # -- latency on SciFact -------------------------------------------------------------------
     lat_q = qtexts[:200]
@@ -266,6 +274,7 @@ def main() -> int:
                  f"median {h['median_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms (search only {h['search_only_median_ms']:.1f} / "
                  f"{h['search_only_p99_ms']:.1f}; query embedding {pct(t_embed, 50):.1f} ms)"))
     print(rows[-1], flush=True)
+    checkpoint()
 
     base_vectors = index._dense.index.index.reconstruct_n(0, index._dense.index.ntotal)
     with index._rw.read():
@@ -299,6 +308,7 @@ def main() -> int:
                      f"(search only {h['search_only_median_ms']:.1f} / {h['search_only_p99_ms']:.1f}); "
                      f"lexical {lat['lexical']['median_ms']:.1f}, dense {lat['dense']['search_only_median_ms']:.1f} ms"))
         print(rows[-1], flush=True)
+        checkpoint()
         rows.append(("100k index: build w/o embedding, open", f"{b_s:.1f}s, {open_s:.1f}s"))
         del big, big2
         shutil.rmtree(big_dir, ignore_errors=True)
@@ -335,6 +345,7 @@ def main() -> int:
                          f"{entry['flat_median_ms']:.2f} ms (p99 {entry['hnsw_p99_ms']:.2f} / {entry['flat_p99_ms']:.2f}); "
                          f"build {entry['hnsw_build_s']:.0f}s"))
             print(rows[-1], flush=True)
+            checkpoint()
             del vecs
 
     if tmp:
