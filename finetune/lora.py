@@ -398,7 +398,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     last_eval: dict[str, float] = {}
     loss_value = float("nan")
     skipped_in_a_row = skipped_total = 0
-    window_tokens, window_start = 0, time.time()
+    train_seconds = 0.0
     tokens_seen = trained_seen = 0
     step = start_step
     if cfg.eval_at_start and start_step == 0 and eval_enc:
@@ -406,10 +406,10 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
         metrics.write({"step": 0, **last_eval})
         if main:
             log.info("step 0 (untrained): eval loss %.4f, perplexity %.2f", last_eval["eval_loss"], last_eval["eval_ppl"])
-    window_start = time.time()  # throughput counts training time only
     stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
     try:
         while step < stop_at:
+            step_started = time.time()
             micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
             # The loss is normalized by the labelled tokens of the whole global step (all micro-batches,
             # all processes), so accumulation and process count do not change what is learned.
@@ -466,12 +466,11 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             real_tokens = int(accelerator.reduce(torch.tensor(float(real_tokens), device=device), "sum").item())
             tokens_seen += real_tokens
             trained_seen += int(n_global)
-            window_tokens += real_tokens
-            elapsed = time.time() - window_start
+            train_seconds += time.time() - step_started  # optimizer steps only: no evals, no saving
             record = {"step": step, "epoch": round(step * cfg.grad_accum / micro_per_epoch, 4),
                       "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens": real_tokens, "trained_tokens": int(n_global),
-                      "tokens_per_s": round(window_tokens / elapsed, 1) if elapsed > 0 else None,
+                      "tokens_per_s": round(tokens_seen / train_seconds, 1),
                       "elapsed_s": round(time.time() - started, 2)}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 last_eval = evaluate()
@@ -503,8 +502,10 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     peak_mb = runs.peak_memory_mb(device.type)
     initial = next((r["eval_loss"] for r in metrics.records if r.get("step") == 0 and "eval_loss" in r), None)
     final = {"step": step, "train_loss": loss_value, **final_eval, "initial_eval_loss": initial, "skipped_steps": skipped_total,
-             "tokens_per_s": round(tokens_seen / elapsed, 1) if start_step == 0 else None,
-             "train_seconds": round(elapsed, 1), "peak_memory_mb": round(peak_mb, 1)}
+             "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds else None,
+             "trained_tokens_per_s": round(trained_seen / train_seconds, 1) if train_seconds else None,
+             "tokens": tokens_seen, "step_seconds": round(train_seconds, 2), "total_seconds": round(elapsed, 1),
+             "peak_memory_mb": round(peak_mb, 1)}
     metrics.write({"step": step, **final_eval, "final": True})
     unwrapped = accelerator.unwrap_model(model)
     if main:
