@@ -257,6 +257,65 @@ class _null:
 
 
 # ---------------------------------------------------------------------------------------------
+# Part 3: the classifier recipe on sentiment data
+# ---------------------------------------------------------------------------------------------
+SENTIMENT = GSM8K.parents[1] / "sentiment"
+
+
+def prepare_sentiment3(work: Path, held_back: int, seed: int) -> tuple[Path, Path]:
+    """3-class rows: TweetEval validation minus `held_back` rows kept for evaluation, plus the VADER
+    ground truth (mean human score in [-4, 4]: <= -0.5 negative, > 0.5 positive, else neutral)."""
+    import csv
+    import random
+
+    with open(SENTIMENT / "tweeteval_val.tsv") as fh:
+        tweets = [(r["text"], r["label"]) for r in csv.DictReader(fh, delimiter="\t")]
+    order = list(range(len(tweets)))
+    random.Random(seed).shuffle(order)
+    held = [tweets[i] for i in order[:held_back]]
+    train = [tweets[i] for i in order[held_back:]]
+    for f in sorted((SENTIMENT / "vader_ground_truth").glob("*.tsv")):
+        with open(f) as fh:
+            for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+                score = float(r["score"])
+                train.append((r["text"], "negative" if score <= -0.5 else "positive" if score > 0.5 else "neutral"))
+    paths = []
+    for name, rows in (("sentiment3-train.jsonl", train), ("tweeteval-heldback.jsonl", held)):
+        path = work / name
+        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def classifier_runs(args) -> dict:
+    from finetune.classify import ClassifyConfig, train_classifier
+
+    work = Path(args.work)
+    out = {}
+    t0 = time.time()
+    r = train_classifier(ClassifyConfig(
+        data=[str(SENTIMENT / "sst2_train.tsv")], eval_data=[str(SENTIMENT / "sst2_dev_from_train.tsv")],
+        output=str(work / "sst2-binary"), text_column="sentence", label_column="label",
+        labels=["negative", "positive"], max_rows=args.sst2_rows, epochs=1, batch_size=32, learning_rate=1e-4,
+        max_eval_rows=10_000, eval_every=0, save_every=200, progress=False, device=args.device,
+        threads=args.threads, overwrite=True), Path(args.home))
+    out["sst2_binary"] = {"train_rows": args.sst2_rows, "eval": "sst2_dev_from_train.tsv (all rows)",
+                          "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "seconds": round(time.time() - t0, 1)}
+    train, held = prepare_sentiment3(work, args.sent3_heldback, seed=13)
+    t0 = time.time()
+    r = train_classifier(ClassifyConfig(
+        data=[str(train)], eval_data=[str(held)], output=str(work / "sentiment3"),
+        labels=["negative", "neutral", "positive"], epochs=args.sent3_epochs, batch_size=32, learning_rate=1e-4,
+        class_weights="balanced", max_eval_rows=10_000, eval_every=0, save_every=200, progress=False,
+        device=args.device, threads=args.threads, overwrite=True), Path(args.home))
+    out["sentiment3"] = {"train_rows": sum(1 for _ in open(train)), "eval": f"{args.sent3_heldback} held-back "
+                         f"TweetEval validation rows", "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+                         "macro_recall": r["macro_recall"], "recall": r["recall"],
+                         "seconds": round(time.time() - t0, 1)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", choices=["parley", "trainer"], help=argparse.SUPPRESS)
@@ -280,6 +339,10 @@ def main() -> None:
     p.add_argument("--gsm8k-eval", type=int, default=24, help="held-out questions answered by base and adapter")
     p.add_argument("--gen-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=8)
+    p.add_argument("--classifiers", action="store_true", help="also train the SST-2 and 3-class sentiment classifiers")
+    p.add_argument("--sst2-rows", type=int, default=12000)
+    p.add_argument("--sent3-heldback", type=int, default=600)
+    p.add_argument("--sent3-epochs", type=int, default=1)
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "finetune-work"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     args = p.parse_args()
@@ -323,11 +386,19 @@ def main() -> None:
         print(f"{'model':<16}{'ends in #### N':>16}{'accuracy':>10}")
         for name in ("base", "adapter"):
             print(f"{name:<16}{g[name]['format_share']:>16.1%}{g[name]['accuracy']:>10.1%}")
+    if args.classifiers:
+        c = report["classifiers"] = classifier_runs(args)
+        print("\nClassifiers (MiniLM fine-tuned):")
+        print(f"  SST-2 binary, {c['sst2_binary']['train_rows']} train rows: accuracy "
+              f"{c['sst2_binary']['accuracy']:.4f}, macro-F1 {c['sst2_binary']['macro_f1']:.4f} on {c['sst2_binary']['eval']}")
+        s3 = c["sentiment3"]
+        print(f"  3-class, {s3['train_rows']} train rows: macro-recall {s3['macro_recall']:.4f}, accuracy "
+              f"{s3['accuracy']:.4f}, macro-F1 {s3['macro_f1']:.4f} on {s3['eval']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file() and (args.skip_gsm8k or args.skip_throughput):  # a partial run keeps the other part
+    if out.is_file() and (args.skip_gsm8k or args.skip_throughput or args.classifiers):  # keep other parts
         previous = json.loads(out.read_text())
-        for key in ("throughput", "gsm8k"):
+        for key in ("throughput", "gsm8k", "classifiers"):
             if key not in report and key in previous:
                 report[key] = previous[key]
     out.write_text(json.dumps(report, indent=2))

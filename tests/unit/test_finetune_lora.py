@@ -217,6 +217,19 @@ def test_training_on_chat_feedback_from_a_real_store(tiny_model_dir, parley_home
     facts = json.loads((out / "parley_adapter.json").read_text())
     assert facts["data"][0]["path"].endswith("parley.db") and facts["data"][0]["rows"] == 12
 
+    # ...and the chat engine switches to it at once (feedback -> adapter -> chat).
+    from bot.engine import Engine, GenerationParams
+    from bot.models import load_model
+
+    engine = Engine(load_model(str(tiny_model_dir), parley_home, device="cpu", progress=False))
+    try:
+        engine.load_adapter("from-chat", str(out))
+        text, _ = engine.generate([{"role": "user", "content": "add 2 and 3"}],
+                                  GenerationParams(max_new_tokens=4, temperature=0), adapter="from-chat")
+        assert isinstance(text, str) and "from-chat" in engine.adapters
+    finally:
+        engine.close()
+
 
 def test_feedback_without_a_store_explains_what_to_do(tiny_model_dir, parley_home):
     cfg = tiny_lora_config(tiny_model_dir, "feedback", "x")
