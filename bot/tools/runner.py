@@ -3,9 +3,9 @@
 ``ToolRunner.run(messages, options, cancel)`` is a generator: it yields ``ToolStarted`` /
 ``ToolFinished`` events as tools run, and returns (``StopIteration.value``) a ``ToolOutcome``:
 
-* ``messages``: the conversation the model should answer. Search results are put into the last
-  user turn as a fenced, quoted, numbered block marked as data (router path), or appended as
-  ``tool`` messages after the model's own tool calls (native path).
+* ``messages``: the conversation the model should answer. Search results go into the system
+  message as numbered, quoted passages marked as data (router path; see ``search.with_sources``),
+  or are appended as fenced ``tool`` messages after the model's own tool calls (native path).
 * ``sources``: passages for citations (n, title, source, page, text, start, end, score, doc_id).
 * ``tool_calls``: one record per call for the store (name, arguments, ok, summary, timing, via).
 * ``direct_reply``: set when a tool's result is the whole answer (``/translate``, ``/sentiment``,
@@ -41,7 +41,7 @@ from bot.tools.builtin import (TurnContext, make_search_tool, make_sentiment_too
 from bot.tools.native import looks_like_tool_call, parse_tool_calls, supports_native_tools
 from bot.tools.registry import ToolError, ToolRegistry, ToolResult
 from bot.tools.safety import sanitize_markdown
-from bot.tools.search import DocumentSearch, grounded_question
+from bot.tools.search import DocumentSearch, with_sources
 from bot.tools.sentiment import SentimentAnalyzer, make_backend
 from bot.tools.translate import ChatModelBackend, Translator, build_seq2seq_backends
 
@@ -186,7 +186,8 @@ class ToolRunner:
                 outcome.direct_reply = f"Nothing in your documents matches {query!r}."
             else:
                 outcome.sources = result.sources
-                outcome.messages[-1] = {**outcome.messages[-1], "content": grounded_question(query, result.sources)}
+                outcome.messages[-1] = {**outcome.messages[-1], "content": query}  # the question, sans "/search"
+                outcome.messages = with_sources(outcome.messages, result.sources)
             return
         args = dict(command.arguments)
         if command.name == "translate" and "target" not in args:
@@ -228,7 +229,7 @@ class ToolRunner:
         if route is not None and route.tool == "search":
             vector = vector if route.arguments.get("query") == text else None
             yield from self._search_into_prompt(route.arguments["query"], outcome, options, allowed, budget,
-                                                via="router", vector=vector, question=text)
+                                                via="router", vector=vector)
         elif options.always_search:
             yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search",
                                                 vector=vector)
@@ -244,7 +245,7 @@ class ToolRunner:
         return route.query_vector if same else None
 
     def _search_into_prompt(self, query: str, outcome: ToolOutcome, options, allowed: list[str], budget: _Budget, *,
-                            via: str, vector=None, question: str | None = None):
+                            via: str, vector=None):
         if "search" not in allowed or not self._search_ready(options):
             return
         from bot.tools.builtin import current_turn
@@ -253,13 +254,13 @@ class ToolRunner:
         ctx.query_vector, ctx.query_for_vector = vector, (query if vector is not None else None)
         result = yield from self._call("search", {"query": query, "k": self.settings.search_k}, outcome, budget,
                                        via=via)
-        question = question or str(outcome.messages[-1].get("content"))
         if result is None:
+            question = str(outcome.messages[-1].get("content"))
             note = f"(Searching the documents failed: {outcome.tool_calls[-1]['error']})"
             outcome.messages[-1] = {**outcome.messages[-1], "content": f"{question}\n\n{note}"}
         elif result.sources:
             outcome.sources = result.sources
-            outcome.messages[-1] = {**outcome.messages[-1], "content": grounded_question(question, result.sources)}
+            outcome.messages = with_sources(outcome.messages, result.sources)
 
     # -- one call ------------------------------------------------------------------------------------
     def _call(self, name: str, arguments: Any, outcome: ToolOutcome, budget: _Budget, *, via: str,

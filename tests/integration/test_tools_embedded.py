@@ -1,10 +1,11 @@
 """Tools on the embedded models: SmolLM2-135M answers, MiniLM indexes and routes, VADER rates.
 
 What SmolLM2-135M can and cannot do here, checked by running it:
-* Search: retrieval puts the right passage first and the model gets it as source [1]; the
-  135M model often copies a source line with its number but is not reliable about *which*
-  number, so the test checks the sources and that the reply stays grounded and safe, not the
-  model's choice of citation.
+* Search: retrieval puts the right passage first and the model gets it as source [1] (in the
+  system message, the user's question last). SmolLM2-135M then answers from it ("25 vacation
+  days") but rarely writes the "[1]" marker itself, and with the sources packed into the user
+  turn it echoed the prompt instead. So the test checks the sources and the grounded answer; a
+  model with native tool calling (Qwen2.5, Llama 3.x) is needed for reliable inline citations.
 * /translate with the chat-model backend: the output is in the target language (lingua says so)
   for short inputs, but it is usually not a faithful translation ("hello" -> "Je suis le début
   de l'avenue."). Configure a seq2seq model (opus-mt, NLLB) for real translations.
@@ -65,9 +66,9 @@ def test_document_question_is_routed_to_search_and_grounded(setup):
     assert [s.name for s in result["steps"]] == ["search", "search"]
     top = done.sources[0]
     assert top["n"] == 1 and top["source"].endswith("vacation.md") and "25 vacation days" in top["text"]
-    assert result["text"].strip()
-    # The reply is grounded in the sources (it quotes or cites them), whichever number it picks.
-    assert "[" in result["text"] or any(w in result["text"] for w in ("25", "vacation", "days"))
+    # SmolLM2-135M answers from the right passage ("Full-time employees can get 25 vacation days per
+    # year.") but does not write the [1] marker; the UI/API/CLI show the sources next to the reply.
+    assert "25" in result["text"], result["text"]
 
 
 def test_poisoned_document_does_not_steer_the_model(setup):
