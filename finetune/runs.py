@@ -4,7 +4,7 @@ metrics, the loss curve, model cards, and the hardware/precision/OOM helpers.
 Checkpoint layout (``OUTPUT/checkpoints/checkpoint-000010/``)::
 
     weights.safetensors   trainable weights only (the LoRA tensors, or the classifier)
-    optimizer.pt          optimizer state (torch.save; loaded with weights_only=True)
+    optimizer.pt          optimizer state (torch.save; every .pt here is loaded with weights_only=True)
     scheduler.pt          LR scheduler state
     rng-rank0.pt ...      python + torch (+ CUDA) RNG state of every process
     state.json            step, epoch, config, data hashes; written last
@@ -284,7 +284,7 @@ def load_checkpoint(path: Path, *, optimizer, scheduler, rank: int = 0) -> tuple
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         log.warning("%s has no RNG state for process %d (the number of processes changed?); "
                     "dropout will differ from an uninterrupted run", path.name, rank)
