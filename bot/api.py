@@ -103,6 +103,56 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
                        include_usage=bool(stream_options.get("include_usage", False)), model=model)
 
 
+def validate_client_tools(tools: Any, tokenizer) -> list[dict[str, Any]]:
+    """Client-supplied OpenAI tools: checked, and refused clearly when the model cannot call tools."""
+    from bot.tools.native import supports_native_tools
+
+    if not isinstance(tools, list) or not tools:
+        raise RequestError("tools must be a non-empty list of {\"type\": \"function\", \"function\": {...}}")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RequestError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                               f"\"parameters\": {{...}}}}}}")
+    if not supports_native_tools(tokenizer):
+        raise RequestError("this model's chat template has no tool support, so client tools cannot be offered "
+                           "to it: use a model that calls tools (e.g. Qwen2.5 or Llama 3.x). Parley's own tools "
+                           "(search, translate, sentiment) still run server-side without `tools`.")
+    return tools
+
+
+def hf_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI sends tool-call arguments as JSON strings; Hugging Face chat templates want dicts."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = dict(call.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"] or "{}")
+                    except json.JSONDecodeError:
+                        raise RequestError(f"tool call {fn.get('name')!r} has arguments that are not JSON") from None
+                calls.append({**call, "function": fn})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def openai_tool_calls(text: str) -> tuple[list[dict[str, Any]], str]:
+    """Parse the model's tool calls into OpenAI's shape; returns (calls, remaining text)."""
+    from bot.tools.native import parse_tool_calls
+
+    parsed, rest = parse_tool_calls(text)
+    calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+              "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+             for c in parsed if getattr(c, "name", None) and not getattr(c, "error", None)]
+    return calls, (rest if calls else text)
+
+
 def _usage(done: Done) -> dict[str, Any]:
     u = done.usage.to_dict()
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
@@ -200,9 +250,51 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
             {"id": name, "object": "model", "created": int(started_at), "owned_by": "parley",
              "parley": {"kind": "base" if i == 0 else "adapter"}} for i, name in enumerate(names)]}
 
+    async def client_tool_completion(body: dict[str, Any], req: ChatRequest):
+        """Client tools pass through as native tool calls: the client runs them, not Parley."""
+        from bot.chat import normalize_messages, with_system_prompt
+
+        tools = validate_client_tools(body["tools"], runtime.engine.tokenizer)
+        messages = with_system_prompt(hf_tool_messages(normalize_messages(req.messages)), runtime.settings.system_prompt)
+        runtime.engine.prompt_ids(messages, req.options.params.max_new_tokens, tools)  # 4xx if it cannot fit
+        cancel = threading.Event()
+        events = runtime.engine.stream(messages, req.options.params, adapter=req.options.adapter, cancel=cancel,
+                                       tools=tools)
+        text, done = [], None
+        async for event in _aiter(events, cancel):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, Done):
+                done = event
+        if done is None or done.finish_reason == "error":
+            return error_response(500, (done and done.error) or "generation failed", "server_error")
+        calls, content = openai_tool_calls("".join(text))
+        message = {"role": "assistant", "content": content or None}
+        finish = "tool_calls" if calls else _finish(done)
+        if calls:
+            message["tool_calls"] = calls
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not req.stream:
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": _usage(done)}
+
+        def whole() -> Iterator[str]:  # the reply is complete already: send it as one delta
+            base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            delta = {"role": "assistant", "content": message["content"] or ""}
+            if calls:
+                delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(calls)]
+            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': None}]})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': finish}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(whole(), media_type="text/event-stream")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat_request(await read_json(request), runtime)
+        body = await read_json(request)
+        req = parse_chat_request(body, runtime)
+        if body.get("tools"):
+            return await client_tool_completion(body, req)
         req.options.conversation_id = await asyncio.to_thread(runtime.store.create_conversation, source="api")
         req.options.new_messages = len(req.messages)
         cancel = threading.Event()

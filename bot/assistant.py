@@ -113,8 +113,9 @@ class Assistant:
                 yield TextDelta(outcome.direct_reply)
                 done = Done(finish_reason="stop", usage=Usage(total_time_s=time.perf_counter() - started))
             else:
+                # Native tool calling renders the final answer with the same tool schemas it offered.
                 for event in self.engine.stream(outcome.messages, options.params, adapter=options.adapter,
-                                                cancel=cancel):
+                                                cancel=cancel, tools=getattr(outcome, "tools", None) or None):
                     if isinstance(event, Done):
                         done = event
                         break

@@ -6,6 +6,7 @@ Front ends (CLI chat, server, Slack, Discord) call ``build_runtime`` once at sta
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,10 @@ def build_tools(engine: Engine, settings: Settings):
         from bot.tools.runner import build_tool_runner
     except ImportError:
         return None
-    return build_tool_runner(engine, settings.home)
+    runner = build_tool_runner(engine, settings.home)
+    # Load the router's embedder in the background: start-up stays fast, the first turn is not slow.
+    threading.Thread(target=runner.warm, name="tools-warm", daemon=True).start()
+    return runner
 
 
 def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool = True,

@@ -160,6 +160,10 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 refresh = gr.Button("Reload adapters", size="sm")
                 tools = gr.CheckboxGroup(TOOL_CHOICES, value=TOOL_CHOICES, label="Tools allowed")
                 always_search = gr.Checkbox(False, label="Always search my documents")
+        with gr.Accordion("Mood of the conversation", open=False):
+            mood_plot = gr.LinePlot(x="message", y="compound", y_lim=[-1, 1], height=220,
+                                    label="Sentiment of each of your messages (VADER compound, -1 to 1)")
+            mood_refresh = gr.Button("Update", size="sm")
         with gr.Accordion("Train from feedback", open=False):
             gr.Markdown("Fine-tune a LoRA adapter on the replies rated 👍 (and corrected) in this chat. "
                         "Training runs in the background; when it finishes the adapter appears above.")
@@ -260,6 +264,19 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             return gr.update(choices=adapter_choices())
 
         refresh.click(reload_adapters, None, adapter, api_name=False)
+
+        def mood(conversation_id):
+            import pandas as pd
+
+            try:
+                from bot.tools import conversation_mood
+            except ImportError:
+                return pd.DataFrame({"message": [], "compound": []})
+            points = conversation_mood(store.history(conversation_id)) if conversation_id else []
+            return pd.DataFrame({"message": list(range(1, len(points) + 1)),
+                                 "compound": [p["compound"] for p in points]})
+
+        mood_refresh.click(mood, conversation_state, mood_plot, api_name=False)
         demo.load(load, conversation_state, [chatbot, owners_state, conversation_state, conversations, adapter],
                   api_name=False)
 
