@@ -286,7 +286,7 @@ def build_10k_index(index_dir: Path, target_chunks: int = 10_000) -> dict:
 def bench_search_ttft(engine, index_dir: Path, queries: int) -> dict:
     from bot.assistant import Assistant, TurnOptions
     from bot.engine import GenerationParams
-    from bot.events import TextDelta, ToolFinished
+    from bot.events import Done, TextDelta, ToolFinished
     from bot.tools.runner import build_tool_runner
 
     info = build_10k_index(index_dir)
@@ -296,6 +296,8 @@ def bench_search_ttft(engine, index_dir: Path, queries: int) -> dict:
     params = GenerationParams(max_new_tokens=2, temperature=0)
     plain = Assistant(engine, system_prompt="You are Parley, a helpful assistant.")
     tooled = Assistant(engine, system_prompt="You are Parley, a helpful assistant.", tools=runner)
+
+    prompt_tokens = {"plain": [], "search": []}
 
     def first_token(assistant, text, **opts):
         t = time.perf_counter()
@@ -307,6 +309,8 @@ def bench_search_ttft(engine, index_dir: Path, queries: int) -> dict:
                 tool_s = time.perf_counter() - t
             if isinstance(ev, TextDelta) and first is None:
                 first = time.perf_counter() - t
+            if isinstance(ev, Done):
+                prompt_tokens["search" if opts else "plain"].append(ev.usage.prompt_tokens)
         return first, tool_s
 
     first_token(plain, "warm up")
@@ -325,6 +329,8 @@ def bench_search_ttft(engine, index_dir: Path, queries: int) -> dict:
             "ttft_with_search_ms_p50": round(statistics.median(with_search) * 1000, 1),
             "added_ms_p50": round(statistics.median(added) * 1000, 1),
             "route_and_search_ms_p50": round(statistics.median(tool_times) * 1000, 1),
+            "prompt_tokens_p50": {k: statistics.median(v) if v else None for k, v in prompt_tokens.items()},
+            "search_k": runner.settings.search_k,
             "load_avg_1m": round(load_avg(), 2)}
 
 
@@ -413,7 +419,8 @@ def print_table(r: dict) -> None:
         s = r["search"]
         lines.append(f"Search at {s['chunks']} chunks: first token {s['ttft_no_search_ms_p50']} ms -> "
                      f"{s['ttft_with_search_ms_p50']} ms with always_search (+{s['added_ms_p50']} ms; route+search "
-                     f"{s['route_and_search_ms_p50']} ms; {s['queries']} queries; load avg {s['load_avg_1m']})")
+                     f"{s['route_and_search_ms_p50']} ms; prompt tokens {s['prompt_tokens_p50']['plain']} -> "
+                     f"{s['prompt_tokens_p50']['search']}; {s['queries']} queries; load avg {s['load_avg_1m']})")
     print("\n".join(lines))
 
 
