@@ -58,6 +58,9 @@ class ToolSettings:
     """Most seconds spent on tools in one turn, native model rounds included (T)."""
     search_k: int = 4
     """Passages a search returns by default."""
+    max_passage_chars: int = 1200
+    """Longest passage put into a prompt; with search_k it sets how much a search lengthens the prompt
+    (on a CPU, prefilling those tokens is most of the time a search adds to the first token)."""
     auto_route: bool = True
     """Route plain messages to tools automatically (router or native tool calling)."""
     native: str = "auto"
@@ -69,7 +72,7 @@ class ToolSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_calls", "search_k", "max_call_tokens", "max_rounds"):
+        for name in ("max_calls", "search_k", "max_passage_chars", "max_call_tokens", "max_rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be a whole number >= 1")
         if not self.max_turn_s > 0:
@@ -398,7 +401,8 @@ def build_tool_runner(engine, home: Path, *, sentiment_model: str | None = None,
     if tokenizer is not None:
         special = list(getattr(tokenizer, "all_special_tokens", []) or [])
         special += [str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()]
-    search = DocumentSearch(Path(home), k=settings.search_k, special_tokens=special)
+    search = DocumentSearch(Path(home), k=settings.search_k, max_passage_chars=settings.max_passage_chars,
+                            special_tokens=special)
     translator = Translator(build_seq2seq_backends(translation_models),
                             ChatModelBackend(engine) if engine is not None else None)
     analyzer = SentimentAnalyzer(make_backend(sentiment_model))
