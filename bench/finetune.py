@@ -262,19 +262,23 @@ class _null:
 SENTIMENT = GSM8K.parents[1] / "sentiment"
 
 
-def prepare_sentiment3(work: Path, held_back: int, seed: int) -> tuple[Path, Path]:
-    """3-class rows: TweetEval validation minus `held_back` rows kept for evaluation, plus the VADER
-    ground truth (mean human score in [-4, 4]: <= -0.5 negative, > 0.5 positive, else neutral)."""
+def prepare_sentiment3(work: Path, held_back: int, seed: int, repeat: int = 2,
+                       vader: tuple[str, ...] = ("tweets",)) -> tuple[Path, Path]:
+    """3-class rows: TweetEval validation minus `held_back` rows kept for evaluation (the rest
+    repeated `repeat` times: it is the in-domain part), plus VADER ground-truth files (mean human
+    score in [-4, 4]: <= -0.5 negative, > 0.5 positive, else neutral)."""
     import csv
     import random
 
     with open(SENTIMENT / "tweeteval_val.tsv") as fh:
-        tweets = [(r["text"], r["label"]) for r in csv.DictReader(fh, delimiter="\t")]
+        tweets = [(r["text"], r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
     order = list(range(len(tweets)))
     random.Random(seed).shuffle(order)
     held = [tweets[i] for i in order[:held_back]]
-    train = [tweets[i] for i in order[held_back:]]
+    train = [tweets[i] for i in order[held_back:]] * repeat
     for f in sorted((SENTIMENT / "vader_ground_truth").glob("*.tsv")):
+        if not any(f.name.startswith(v) for v in vader):
+            continue
         with open(f) as fh:
             for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
                 score = float(r["score"])
@@ -301,7 +305,8 @@ def classifier_runs(args) -> dict:
         threads=args.threads, overwrite=True), Path(args.home))
     out["sst2_binary"] = {"train_rows": args.sst2_rows, "eval": "sst2_dev_from_train.tsv (all rows)",
                           "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "seconds": round(time.time() - t0, 1)}
-    train, held = prepare_sentiment3(work, args.sent3_heldback, seed=13)
+    train, held = prepare_sentiment3(work, args.sent3_heldback, seed=13, repeat=args.sent3_repeat,
+                                     vader=tuple(args.sent3_vader.split(",")))
     t0 = time.time()
     r = train_classifier(ClassifyConfig(
         data=[str(train)], eval_data=[str(held)], output=str(work / "sentiment3"),
@@ -342,7 +347,9 @@ def main() -> None:
     p.add_argument("--classifiers", action="store_true", help="also train the SST-2 and 3-class sentiment classifiers")
     p.add_argument("--sst2-rows", type=int, default=12000)
     p.add_argument("--sent3-heldback", type=int, default=600)
-    p.add_argument("--sent3-epochs", type=int, default=1)
+    p.add_argument("--sent3-epochs", type=int, default=2)
+    p.add_argument("--sent3-repeat", type=int, default=2, help="times the in-domain TweetEval rows are repeated")
+    p.add_argument("--sent3-vader", default="tweets", help="VADER files to add (comma list of name prefixes)")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "finetune-work"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     args = p.parse_args()

@@ -256,7 +256,9 @@ def _read_json_array(path: Path, max_rows: int) -> Iterator[tuple[str, dict[str,
 def _read_table(path: Path, delimiter: str, max_rows: int) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     with _open_bytes(path) as fh:
         text = fh.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+    # TSV has no quoting convention (a tweet may start with a quote mark); CSV uses RFC 4180 quotes.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:

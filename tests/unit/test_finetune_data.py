@@ -276,3 +276,11 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_tsv_cells_keep_their_quote_marks_and_csv_follows_rfc4180(tmp_path):
+    (tmp_path / "t.tsv").write_text('label\ttext\npositive\t"Quoted, tweet" and more\nneutral\tplain\n')
+    rows = [r for _, r in D.read_records(tmp_path / "t.tsv")]
+    assert rows == [{"label": "positive", "text": '"Quoted, tweet" and more'}, {"label": "neutral", "text": "plain"}]
+    (tmp_path / "c.csv").write_text('label,text\npositive,"a, b"\n')
+    assert [r for _, r in D.read_records(tmp_path / "c.csv")] == [{"label": "positive", "text": "a, b"}]
