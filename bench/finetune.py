@@ -27,6 +27,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -350,7 +351,7 @@ def main() -> None:
     p.add_argument("--sent3-epochs", type=int, default=2)
     p.add_argument("--sent3-repeat", type=int, default=2, help="times the in-domain TweetEval rows are repeated")
     p.add_argument("--sent3-vader", default="tweets", help="VADER files to add (comma list of name prefixes)")
-    p.add_argument("--work", default=str(ROOT / "bench" / "results" / "finetune-work"))
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "parley-bench-finetune"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -196,20 +196,69 @@ def base_model_ref(spec: str, source: Path | str) -> str:
     return str(Path(source).resolve())
 
 
-def token_loss_sum(model, batch: dict[str, Any], autocast) -> tuple[Any, int]:
+class SelectedPositionsHead:
+    """Wraps the model's output head so logits are computed only where a token is trained.
+
+    The vocabulary projection and its softmax are the largest tensors of a training step
+    ([B, T, V], V = 49,152 for SmolLM2); prompts, system text and padding need none of it. The
+    model's own forward still runs (so DDP hooks and any logit soft-capping after the head apply);
+    the head just sees hidden states [1, N, H] for the N selected positions instead of [B, T, H].
+    """
+
+    def __init__(self, model):
+        import torch
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base, self.head = base, base.get_output_embeddings()
+        self.select = None
+        outer = self
+
+        class _Head(torch.nn.Module):
+            def __init__(self, head):
+                super().__init__()
+                self.inner = head
+
+            def forward(self, hidden):
+                if outer.select is not None:
+                    hidden = hidden[outer.select].unsqueeze(0)  # [B, T, H] -> [1, N, H]
+                return self.inner(hidden)
+
+        self.wrapper = _Head(self.head)
+
+    def __enter__(self):
+        self.base.set_output_embeddings(self.wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        self.base.set_output_embeddings(self.head)
+        return False
+
+
+def token_loss_sum(model, batch: dict[str, Any], autocast, head: SelectedPositionsHead | None = None):
     """Sum of next-token cross-entropy over labelled tokens, and how many there were.
 
-    logits [B, T, V] predict position t+1 from t, so labels are shifted left by one.
+    Position t predicts token t+1, so labels are shifted left by one. With ``head`` installed only
+    the N labelled positions get logits ([1, N, V]); without it the whole [B, T, V] is computed.
     """
-    import torch
     import torch.nn.functional as F
 
-    with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=D.IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != D.IGNORE_INDEX).sum())
+    trained = labels != D.IGNORE_INDEX  # [B, T-1]
+    if head is not None:
+        select = F.pad(trained, (0, 1), value=False)  # [B, T]: positions whose next token is trained
+        head.select = select
+        try:
+            with autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            head.select = None
+        loss = F.cross_entropy(logits[0].float(), labels[trained], reduction="sum")
+    else:
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                               ignore_index=D.IGNORE_INDEX, reduction="sum")
+    return loss, int(trained.sum())
 
 
 def make_scheduler(optimizer, cfg: LoraConfig, total_steps: int):
@@ -393,6 +442,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                              state=state, accelerator=accelerator, keep=cfg.keep_checkpoints)
 
     # ---- train -------------------------------------------------------------------------------
+    head = SelectedPositionsHead(accelerator.unwrap_model(model))
     bar = tqdm(total=total_steps, initial=start_step, disable=not (main and cfg.progress), unit="step",
                desc="lora", dynamic_ncols=True)
     last_eval: dict[str, float] = {}
@@ -408,6 +458,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             log.info("step 0 (untrained): eval loss %.4f, perplexity %.2f", last_eval["eval_loss"], last_eval["eval_ppl"])
     stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
     try:
+        head.__enter__()
         while step < stop_at:
             step_started = time.time()
             micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
@@ -427,7 +478,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                 sync = j == len(micro) - 1
                 try:
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        loss, _ = token_loss_sum(model, batch, autocast)
+                        loss, _ = token_loss_sum(model, batch, autocast, head)
                         # DDP averages gradients over processes, hence the factor `world`.
                         accelerator.backward(loss * world / max(n_global, 1.0))
                 except Exception as exc:
@@ -485,11 +536,14 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after_steps:
                 checkpoint(step)
     except KeyboardInterrupt:
+        head.__exit__()
         bar.close()
         if step > start_step:
             checkpoint(step)
         raise FinetuneError(f"interrupted at step {step}; a checkpoint was written: continue with --resume "
                             f"and the same --output {output}") from None
+    finally:
+        head.__exit__()
     bar.close()
 
     if step < total_steps:  # stopped early on purpose (stop_after_steps)

@@ -83,12 +83,12 @@ def _poison_step(monkeypatch, bad_step: int, grad_accum: int = 1, record=None):
     real = lora.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch, autocast):
+    def poisoned(model, batch, autocast, *rest):
         calls["n"] += 1
         step = (calls["n"] - 1) // grad_accum + 1
         if record is not None:
             record[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        loss, n = real(model, batch, autocast)
+        loss, n = real(model, batch, autocast, *rest)
         if step == bad_step and model.training:
             loss = loss * float("inf")
         return loss, n
@@ -290,3 +290,33 @@ def test_dora_and_rslora_train(tiny_model_dir, chat_file, tmp_path, parley_home)
                                      target_modules="q_proj,v_proj"), parley_home)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] and config["use_rslora"] and set(config["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_selected_positions_head_gives_the_same_loss_and_gradients(tiny_model_dir, chat_file):
+    import contextlib
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import data as D
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples, _ = D.load_examples([chat_file])
+    batch = D.collate(D.encode_all(tok, examples[:4], D.DataReport(), max_length=256), tok.pad_token_id)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           PeftLoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    full, n_full = lora.token_loss_sum(model, batch, contextlib.nullcontext)
+    full.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with lora.SelectedPositionsHead(model) as head:
+        part, n_part = lora.token_loss_sum(model, batch, contextlib.nullcontext, head)
+        part.backward()
+    assert n_full == n_part == int((batch["labels"][:, 1:] != -100).sum())
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[k], atol=1e-6), k
+    assert model.get_base_model().get_output_embeddings().__class__.__name__ == "Linear"  # restored
