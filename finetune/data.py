@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field

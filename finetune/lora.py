@@ -21,7 +21,6 @@ Output folder (``--output DIR``; a bare name means PARLEY_HOME/adapters/NAME)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
