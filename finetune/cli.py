@@ -117,6 +117,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def setup_logging() -> None:
+    import warnings
+
+    # peft 0.21 calls a transformers 5 property that warns on every run; nothing for the user to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logger = logging.getLogger("finetune")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
