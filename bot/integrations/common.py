@@ -132,21 +132,14 @@ def user_error(error: str | None) -> str:
 
 # -- sources ---------------------------------------------------------------------------------------
 def format_sources(sources: Iterable[dict[str, Any]], *, limit: int = 5) -> str:
-    """One compact line: ``Sources: [1] Title p. 3 · [2] other.md``."""
-    try:  # the tools package owns the canonical rendering when it is installed
-        from bot.tools import format_sources as tools_format  # type: ignore[attr-defined]
-    except ImportError:
-        tools_format = None
+    """One compact line: ``Sources: [1] Title p. 3 · [2] other.md``.
+
+    Chat platforms get this one-line form rather than the tools' multi-line listing with quotes:
+    a thread reply should stay short, and the passages are a click away in the browser chat.
+    """
     sources = list(sources)
     if not sources:
         return ""
-    if tools_format is not None:
-        try:
-            rendered = tools_format(sources)
-            if isinstance(rendered, str) and rendered.strip():
-                return " ".join(rendered.split()) if "\n" not in rendered.strip() else rendered.strip()
-        except Exception:
-            log.debug("bot.tools.format_sources failed; using the compact form", exc_info=True)
     parts = []
     for i, src in enumerate(sources[:limit], start=1):
         name = str(src.get("title") or Path(str(src.get("source") or "?")).name)[:60]
