@@ -223,13 +223,18 @@ class SelectedPositionsHead:
                 return self.inner(hidden)
 
         self.wrapper = _Head(self.head)
+        self.depth = 0
 
-    def __enter__(self):
-        self.base.set_output_embeddings(self.wrapper)
+    def __enter__(self):  # re-entrant: evaluation inside the training loop nests
+        self.depth += 1
+        if self.depth == 1:
+            self.base.set_output_embeddings(self.wrapper)
         return self
 
     def __exit__(self, *exc):
-        self.base.set_output_embeddings(self.head)
+        self.depth -= 1
+        if self.depth == 0:
+            self.base.set_output_embeddings(self.head)
         return False
 
 
@@ -412,6 +417,8 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                  100 * n_trainable / n_total, total_steps, global_rows * cfg.grad_accum, cfg.batch_size,
                  cfg.grad_accum, world, precision, device)
 
+    head = SelectedPositionsHead(accelerator.unwrap_model(model))
+
     def evaluate() -> dict[str, float]:
         """Token-weighted eval loss and perplexity over every eval row (all processes)."""
         if not eval_enc:
@@ -423,7 +430,8 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             for b in range(0, len(order), cfg.batch_size * 2):
                 batch = D.collate([eval_enc[i] for i in order[b: b + cfg.batch_size * 2]], tokenizer.pad_token_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, n = token_loss_sum(model, batch, autocast)
+                with head:
+                    loss, n = token_loss_sum(model, batch, autocast, head)
                 total += torch.tensor([loss.item(), n], dtype=torch.float64, device=device)
         model.train()
         total = accelerator.reduce(total, "sum")
@@ -441,7 +449,6 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                              state=state, accelerator=accelerator, keep=cfg.keep_checkpoints)
 
     # ---- train -------------------------------------------------------------------------------
-    head = SelectedPositionsHead(accelerator.unwrap_model(model))
     bar = tqdm(total=total_steps, initial=start_step, disable=not (main and cfg.progress), unit="step",
                desc="lora", dynamic_ncols=True)
     last_eval: dict[str, float] = {}
@@ -535,7 +542,6 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after_steps:
                 checkpoint(step)
     except KeyboardInterrupt:
-        head.__exit__()
         bar.close()
         if step > start_step:
             checkpoint(step)
