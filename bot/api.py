@@ -402,6 +402,12 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         await asyncio.to_thread(runtime.engine.load_adapter, body["name"], body["path"])
         return {"name": body["name"], "loaded": sorted(runtime.engine.adapters)}
 
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        """Unload an adapter; requests that name it get 404 afterwards."""
+        await asyncio.to_thread(runtime.engine.unload_adapter, name)
+        return {"name": name, "loaded": sorted(runtime.engine.adapters)}
+
     @app.post("/v1/train", status_code=202)
     async def start_training(request: Request):
         """Fine-tune a LoRA adapter on the chat's feedback; when it finishes the chat can use it."""

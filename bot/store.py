@@ -159,12 +159,6 @@ class Store:
         sql += " ORDER BY updated_at DESC LIMIT ?"
         return [dict(r) for r in self._conn().execute(sql, args + (limit,))]
 
-    def rename_conversation(self, conversation_id: str, title: str) -> None:
-        self._write("UPDATE conversations SET title = ? WHERE id = ?", (title[:200], conversation_id))
-
-    def delete_conversation(self, conversation_id: str) -> None:
-        self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-
     # -- turns ---------------------------------------------------------------------------------
     def add_turn(self, conversation_id: str, *, messages: list[dict[str, Any]], reply: str, model: str,
                  adapter: str = "base", params: dict[str, Any] | None = None,

@@ -44,6 +44,11 @@ def test_feedback_trains_an_adapter_the_chat_switches_to(server):
         "model": "from-chat", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8})
     assert r.status_code == 200
     assert runtime.store.get_turn(r.json()["parley"]["turn_id"]).adapter == "from-chat"
+    assert httpx.delete(url + "/v1/adapters/from-chat").status_code == 200
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": "from-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 404
+    assert httpx.delete(url + "/v1/adapters/from-chat").status_code == 404
 
 
 def test_bad_training_requests_are_refused(server):
