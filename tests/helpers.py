@@ -50,3 +50,16 @@ def build_test_runtime(model_dir: Path | str, home: Path, **overrides):
 
     settings = Settings(home=home, model=str(model_dir), **overrides)
     return build_runtime(settings, progress=False)
+
+
+def shared_data() -> Path:
+    """The project's shared data: $PARLEY_DATA, else ../shared/data beside the checkout (as CI lays
+    it out), else /work/shared/data."""
+    import os
+
+    candidates = [os.environ.get("PARLEY_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data",
+                  "/work/shared/data"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return Path("/work/shared/data")

@@ -32,7 +32,9 @@ def test_smollm2_lora_on_cuda(embedded_home, tmp_path):
 
     from finetune.lora import LoraConfig, train_lora
 
-    gsm8k = Path("/work/shared/data/instruct/gsm8k_train.messages.jsonl")
+    from tests.helpers import shared_data
+
+    gsm8k = shared_data() / "instruct" / "gsm8k_train.messages.jsonl"
     if not gsm8k.exists():
         pytest.skip("GSM8K rows not present")
     rows = gsm8k.read_text().splitlines()

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+from tests.helpers import shared_data
+
+DATA = shared_data()
 GSM8K = DATA / "instruct" / "gsm8k_train.messages.jsonl"
 SST2 = DATA / "sentiment" / "sst2_train.tsv"
 SST2_DEV = DATA / "sentiment" / "sst2_dev_from_train.tsv"
