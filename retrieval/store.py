@@ -134,13 +134,7 @@ def commit_version(root: Path, files: dict[str, Callable[[Path], None]], manifes
         fsync_dir(tmp)
         os.rename(tmp, vdir / name)
         fsync_dir(vdir)
-        cur_tmp = root / f"CURRENT.tmp-{os.getpid()}"
-        with open(cur_tmp, "w", encoding="ascii") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(cur_tmp, root / "CURRENT")
-        fsync_dir(root)
+        switch_current(root, name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
