@@ -172,7 +172,6 @@ def _parley_extra(done: Done, steps: list[dict[str, Any]]) -> dict[str, Any]:
 def _step(event: Event) -> dict[str, Any]:
     if isinstance(event, ToolStarted):
         return {"type": "tool_started", "name": event.name, "arguments": event.arguments, "id": event.call_id}
-    assert isinstance(event, ToolFinished)
     return {"type": "tool_finished", "name": event.name, "ok": event.ok, "summary": event.summary,
             "id": event.call_id}
 
@@ -310,7 +309,8 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
                     steps.append(_step(event))
                 elif isinstance(event, Done):
                     done = event
-            assert done is not None
+            if done is None:  # the turn's stream ended without its final event
+                return error_response(500, "generation ended unexpectedly; see the server log", "server_error")
             if done.finish_reason == "error":
                 status = done.status if done.status >= 400 else 500
                 return error_response(status, done.error or "generation failed",

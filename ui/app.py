@@ -219,7 +219,9 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
             if not conversation_id or index >= len(owners):
                 raise gr.Error("Nothing to retry here.")
             seq = owners[index]
-            turn = next(t for t in store.turns(conversation_id) if t.seq == seq)
+            turn = next((t for t in store.turns(conversation_id) if t.seq == seq), None)
+            if turn is None:
+                raise gr.Error("That message is no longer stored; reload the conversation.")
             user_text = edited if edited is not None else next(
                 (m["content"] for m in turn.messages if m["role"] == "user"), "")
             store.truncate_after(conversation_id, seq - 1)
