@@ -94,10 +94,15 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
     if not isinstance(extra, dict):
         raise RequestError("parley must be an object, e.g. {\"tools\": [\"search\"], \"index\": \"default\"}")
     tools = extra.get("tools")
+    collections = extra.get("collections", [extra["index"]] if "index" in extra else ["default"])
+    if isinstance(collections, str):
+        collections = [collections]
+    if not isinstance(collections, list) or not all(isinstance(c, str) for c in collections):
+        raise RequestError("parley.collections must be a list of collection names, e.g. [\"default\", \"manuals\"]")
     options = TurnOptions(params=runtime.engine.clamp(params), adapter=adapter,
                           tools=tuple(tools) if isinstance(tools, list) else None,
                           always_search=bool(extra.get("always_search", False)),
-                          index=str(extra.get("index", "default")), source="api")
+                          collections=tuple(collections), source="api")
     stream_options = body.get("stream_options") or {}
     return ChatRequest(messages=body.get("messages"), options=options, stream=bool(body.get("stream", False)),
                        include_usage=bool(stream_options.get("include_usage", False)), model=model)

@@ -41,8 +41,10 @@ class TurnOptions:
     """Tools allowed this turn; None = every registered tool, () = none."""
     always_search: bool = False
     """Retrieval-augmented answers: search the documents for every message."""
-    index: str = "default"
-    """Which document index the search tool uses."""
+    collections: tuple[str, ...] = ("default",)
+    """Which document collections the search tool searches (the owner's own and the shared ones)."""
+    owner: str | None = None
+    """Who the turn belongs to (see bot/owners.py): its conversation, feedback and documents."""
     conversation_id: str | None = None
     """Store the turn in this conversation (None: do not store)."""
     new_messages: int = 1

@@ -463,7 +463,7 @@ def turn_options(settings: dict[str, Any], *, source: str, conversation_id: str 
                        system_prompt=settings.get("system_prompt") or None,
                        tools=None if tools is None else tuple(tools),
                        always_search=bool(settings.get("always_search", False)),
-                       index=settings.get("index") or "default", conversation_id=conversation_id,
+                       collections=(settings.get("index") or "default",), conversation_id=conversation_id,
                        new_messages=1, source=source)
 
 

@@ -8,42 +8,13 @@ through the model's arguments: the model cannot pick another index or reach the 
 
 from __future__ import annotations
 
-import contextvars
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from bot.tools.registry import ToolError, ToolResult
 from bot.tools.search import DocumentSearch, sources_block
 from bot.tools.sentiment import SentimentAnalyzer, format_report
 from bot.tools.translate import Translator
-
-
-@dataclass
-class TurnContext:
-    """Per-turn facts set by the runner in code."""
-
-    index: str = "default"
-    cancel: threading.Event = field(default_factory=threading.Event)
-    query_vector: Any = None
-    query_for_vector: str | None = None
-    deadline: float | None = None
-    """time.perf_counter() value after which the current call should stop (its timeout)."""
-
-
-_TURN: contextvars.ContextVar[TurnContext] = contextvars.ContextVar("parley_turn")
-
-
-def current_turn() -> TurnContext:
-    return _TURN.get(TurnContext())
-
-
-def set_turn(ctx: TurnContext) -> contextvars.Token:
-    return _TURN.set(ctx)
-
-
-def reset_turn(token: contextvars.Token) -> None:
-    _TURN.reset(token)
+from bot.tools.turn import TurnContext, current_turn  # noqa: F401  (TurnContext: re-exported)
 
 
 def make_search_tool(search: DocumentSearch) -> Callable[..., ToolResult]:
@@ -60,14 +31,15 @@ def make_search_tool(search: DocumentSearch) -> Callable[..., ToolResult]:
             raise ToolError("the search query is empty")
         ctx = current_turn()
         vector = ctx.query_vector if ctx.query_for_vector == query else None
-        sources = search.search(query, ctx.index, k, query_vector=vector)
+        sources = search.search(query, ctx.collections, k, owner=ctx.owner, query_vector=vector)
+        where = list(ctx.collections)
         if not sources:
             return ToolResult(text=f"No passages in the documents match {query!r}.",
-                              summary=f"no passages found in index {ctx.index!r}",
-                              data={"sources": [], "index": ctx.index, "query": query})
+                              summary=f"no passages found in {', '.join(where)}",
+                              data={"sources": [], "collections": where, "query": query})
         titles = ", ".join(dict.fromkeys(s["title"] or s["source"] for s in sources))
         return ToolResult(text=sources_block(sources), summary=f"{len(sources)} passages from {titles}"[:200],
-                          data={"sources": sources, "index": ctx.index, "query": query}, sources=sources)
+                          data={"sources": sources, "collections": where, "query": query}, sources=sources)
 
     return search_documents
 

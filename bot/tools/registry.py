@@ -22,7 +22,6 @@ timeout. Nothing here ever evaluates text as code.
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import json
 import logging
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from bot.errors import ParleyError
+from bot.tools.turn import TurnContext, bound_to
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,10 @@ class ToolRegistry:
         return {k: v for k, v in arguments.items() if v is not None}
 
     def call(self, name: str, arguments: Any, *, allowed: typing.Iterable[str] | None = None,
-             timeout_s: float | None = None) -> ToolResult:
+             timeout_s: float | None = None, turn: TurnContext | None = None) -> ToolResult:
         """Validate and run one call with a timeout. Raises ToolError (never anything else).
+
+        ``turn``: the facts of the calling turn; inside the call ``current_turn()`` returns it.
 
         A call that times out keeps running in its worker thread until it returns (Python cannot
         kill a thread); tools that can stop early should watch their own cancel flag.
@@ -297,8 +299,7 @@ class ToolRegistry:
         limit = tool.timeout_s if timeout_s is None else min(timeout_s, tool.timeout_s)
         if limit <= 0:
             raise ToolError(f"{name}: no time left in this turn's tool budget")
-        # The call sees the caller's context variables (the turn's index, cancel flag...).
-        future = self._executor.submit(contextvars.copy_context().run, tool.fn, **args)
+        future = self._executor.submit(bound_to(turn, tool.fn), **args)
         try:
             result = future.result(timeout=limit)
         except FutureTimeout:

@@ -36,14 +36,14 @@ from typing import Any, Iterable, Iterator
 from bot.errors import ConfigError
 from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
 from bot.router import TOOLS, Command, IntentRouter, Route, default_examples, help_text, parse_command
-from bot.tools.builtin import (TurnContext, make_search_tool, make_sentiment_tool, make_translate_tool, reset_turn,
-                               set_turn)
+from bot.tools.builtin import make_search_tool, make_sentiment_tool, make_translate_tool
 from bot.tools.native import looks_like_tool_call, parse_tool_calls, supports_native_tools
 from bot.tools.registry import ToolError, ToolRegistry, ToolResult
 from bot.tools.safety import sanitize_markdown
 from bot.tools.search import DocumentSearch, with_sources
 from bot.tools.sentiment import SentimentAnalyzer, make_backend
 from bot.tools.translate import ChatModelBackend, Translator, build_seq2seq_backends
+from bot.tools.turn import TurnContext
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,10 @@ class ToolOutcome:
 
 
 class _Budget:
-    def __init__(self, settings: ToolSettings):
+    """One turn's limits, and its TurnContext (handed to every tool call explicitly)."""
+
+    def __init__(self, settings: ToolSettings, turn: TurnContext):
+        self.turn = turn
         self.calls_left = settings.max_calls
         self.deadline = time.perf_counter() + settings.max_turn_s
         self.settings = settings
@@ -138,31 +141,28 @@ class ToolRunner:
             self.router.warm()
 
     def run(self, messages: list[dict[str, Any]], options, cancel: threading.Event) -> Iterator[Event]:
-        budget = _Budget(self.settings)
+        budget = _Budget(self.settings, TurnContext(collections=tuple(options.collections), cancel=cancel,
+                                                    owner=options.owner))
         outcome = ToolOutcome(messages=list(messages))
         if not messages or messages[-1].get("role") != "user":
             return outcome  # e.g. an API client sent tool results itself: nothing to route
         text = str(messages[-1].get("content") or "")
         allowed = self.allowed(options)
-        token = set_turn(TurnContext(index=options.index, cancel=cancel))
-        try:
-            command = parse_command(text)
-            if command is not None:
-                yield from self._command(command, outcome, options, allowed, budget)
-                return outcome
-            if not self.settings.auto_route:
-                if options.always_search:
-                    yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search")
-                return outcome
-            if self.native:
-                if options.always_search:
-                    yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search")
-                yield from self._native_loop(outcome, options, allowed, budget, cancel)
-                return outcome
-            yield from self._routed(text, outcome, options, allowed, budget)
+        command = parse_command(text)
+        if command is not None:
+            yield from self._command(command, outcome, options, allowed, budget)
             return outcome
-        finally:
-            reset_turn(token)
+        if not self.settings.auto_route:
+            if options.always_search:
+                yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search")
+            return outcome
+        if self.native:
+            if options.always_search:
+                yield from self._search_into_prompt(text, outcome, options, allowed, budget, via="always_search")
+            yield from self._native_loop(outcome, options, allowed, budget, cancel)
+            return outcome
+        yield from self._routed(text, outcome, options, allowed, budget)
+        return outcome
 
     # -- slash commands ----------------------------------------------------------------------------
     def _command(self, command: Command, outcome: ToolOutcome, options, allowed: list[str], budget: _Budget):
@@ -178,8 +178,8 @@ class ToolRunner:
         if command.name == "search":
             query = command.arguments["query"]
             if not self._search_ready(options):
-                outcome.direct_reply = (f"There are no documents in index {options.index!r} yet: add some first "
-                                        f"(parley index add PATH).")
+                outcome.direct_reply = (f"There are no documents in {_names(options.collections)} yet: add some "
+                                        f"in the Documents tab, over the API, or with `parley index add PATH`.")
                 return
             result = yield from self._call("search", {"query": query, "k": self.settings.search_k}, outcome,
                                            budget, via="slash")
@@ -207,7 +207,7 @@ class ToolRunner:
 
     # -- router path -------------------------------------------------------------------------------
     def _search_ready(self, options) -> bool:
-        return self.search is not None and self.search.available(options.index)
+        return self.search is not None and self.search.available(options.collections, owner=options.owner)
 
     def _routed(self, text: str, outcome: ToolOutcome, options, allowed: list[str], budget: _Budget):
         route: Route | None = None
@@ -242,7 +242,7 @@ class ToolRunner:
         if route is None or route.query_vector is None or self.search is None or self.router is None:
             return None
         try:
-            same = self.search.embedder_name(options.index) == getattr(self.router.embedder, "name", None)
+            same = self.search.embedder_name(options.collections, owner=options.owner) == getattr(self.router.embedder, "name", None)
         except Exception:
             return None
         return route.query_vector if same else None
@@ -251,9 +251,7 @@ class ToolRunner:
                             via: str, vector=None):
         if "search" not in allowed or not self._search_ready(options):
             return
-        from bot.tools.builtin import current_turn
-
-        ctx = current_turn()
+        ctx = budget.turn
         ctx.query_vector, ctx.query_for_vector = vector, (query if vector is not None else None)
         result = yield from self._call("search", {"query": query, "k": self.settings.search_k}, outcome, budget,
                                        via=via)
@@ -278,13 +276,11 @@ class ToolRunner:
         error = budget.exhausted()
         if error is None:
             budget.calls_left -= 1
-            from bot.tools.builtin import current_turn
-
             tool = self.registry[name] if isinstance(name, str) and name in self.registry else None
             limit = min(budget.remaining_s(), tool.timeout_s if tool else budget.remaining_s())
-            current_turn().deadline = time.perf_counter() + limit
+            budget.turn.deadline = time.perf_counter() + limit
             try:
-                result = self.registry.call(name, arguments, allowed=allowed, timeout_s=limit)
+                result = self.registry.call(name, arguments, allowed=allowed, timeout_s=limit, turn=budget.turn)
             except ToolError as exc:
                 error = str(exc)
             except Exception as exc:  # registry.call only raises ToolError; this is belt and braces
@@ -383,6 +379,10 @@ class ToolRunner:
         finally:
             stream.close()
         return text if looks_like_tool_call(text) else None
+
+
+def _names(collections) -> str:
+    return ", ".join(repr(c) for c in collections) or "no collection"
 
 
 def build_tool_runner(engine, home: Path, *, sentiment_model: str | None = None,

@@ -54,44 +54,60 @@ class DocumentSearch:
             self._open[name] = index
             return index
 
-    def available(self, name: str) -> bool:
-        """Whether index NAME exists and holds at least one passage (search routing needs both)."""
-        try:
+    def _indexes(self, collections: Sequence[str], owner: str | None):
+        """(name, open index) for each collection that exists, in the order given."""
+        found = []
+        for name in dict.fromkeys(collections):
             index = self.index(name)
-            if index is None:
-                return False
-            if index.auto_refresh:
-                index.refresh()
-            return len(index) > 0
+            if index is not None:
+                found.append((name, index))
+        return found
+
+    def available(self, collections: Sequence[str], owner: str | None = None) -> bool:
+        """Whether any of the collections exists and holds at least one passage (routing needs both)."""
+        try:
+            for _name, index in self._indexes(collections, owner):
+                if index.auto_refresh:
+                    index.refresh()
+                if len(index) > 0:
+                    return True
+            return False
         except Exception:  # a broken index means "no search", not a failed turn
-            log.warning("index %r is not usable", name, exc_info=True)
+            log.warning("collections %r are not usable", collections, exc_info=True)
             return False
 
-    def embedder_name(self, index_name: str) -> str | None:
-        """The embedder an index was built with (a router vector is reusable only from the same one)."""
-        index = self.index(index_name)
-        return None if index is None else index.info()["embedder"]
+    def embedder_name(self, collections: Sequence[str], owner: str | None = None) -> str | None:
+        """The embedder the collections were built with, when they all share one (a router vector
+        is reusable only from the same embedder)."""
+        names = {index.info()["embedder"] for _n, index in self._indexes(collections, owner)}
+        return names.pop() if len(names) == 1 else None
 
-    def search(self, query: str, index_name: str, k: int | None = None, *, query_vector=None) -> list[dict[str, Any]]:
-        """Best passages first, as source dicts numbered from 1."""
-        index = self.index(index_name)
-        if index is None:
-            raise ToolError(f"there is no document index named {index_name!r} yet: add documents first "
-                            f"(parley index add PATH)")
+    def search(self, query: str, collections: Sequence[str], k: int | None = None, *, owner: str | None = None,
+               query_vector=None) -> list[dict[str, Any]]:
+        """Best passages first over all the collections, as source dicts numbered from 1."""
+        indexes = self._indexes(collections, owner)
+        if not indexes:
+            raise ToolError(f"there are no documents in {', '.join(map(repr, collections)) or 'no collection'} yet: "
+                            f"add documents first (Documents tab, or parley index add PATH)")
         from retrieval import RetrievalError
 
-        try:
-            passages = index.search(query, k=k or self.k, mode=self.mode, query_vector=query_vector)
-        except RetrievalError as exc:
-            raise ToolError(f"search failed: {exc}") from None
+        k = k or self.k
+        found = []
+        for name, index in indexes:
+            try:
+                found += [(name, p) for p in index.search(query, k=k, mode=self.mode, query_vector=query_vector)]
+            except RetrievalError as exc:
+                raise ToolError(f"search in {name!r} failed: {exc}") from None
+        # Hybrid scores are fused ranks, comparable across indexes of one mode: best first overall.
+        found.sort(key=lambda item: -float(item[1].score))
         sources = []
-        for n, p in enumerate(passages, start=1):
+        for n, (name, p) in enumerate(found[:k], start=1):
             text = neutralize_passage(p.text, self.special_tokens)
             if len(text) > self.max_passage_chars:
                 text = text[: self.max_passage_chars].rsplit(" ", 1)[0] + " ..."
             sources.append({"n": n, "title": neutralize_passage(p.title or Path(p.source).name, self.special_tokens),
                             "source": p.source, "page": p.page, "text": text, "start": p.start, "end": p.end,
-                            "score": round(float(p.score), 4), "doc_id": p.doc_id})
+                            "score": round(float(p.score), 4), "doc_id": p.doc_id, "collection": name})
         return sources
 
 

@@ -136,7 +136,7 @@ def test_search_command_builds_a_grounded_prompt_with_numbered_sources(runner):
 def test_search_without_documents(runner, engine, tmp_path):
     empty = build_tool_runner(engine, tmp_path, router=runner.router)
     _, outcome = run(empty, "/search vacation")
-    assert "no documents" in outcome.direct_reply
+    assert "There are no documents" in outcome.direct_reply
     # ...and plain questions are not routed to search when there is nothing to search.
     _, outcome = run(empty, "What does the employee handbook say about remote work?")
     assert outcome.tool_calls == [] and outcome.route["tool"] != "search"
@@ -211,3 +211,33 @@ def test_outcome_matches_what_the_assistant_reads():
     outcome = ToolOutcome(messages=[])
     for name in ("messages", "sources", "tool_calls", "direct_reply"):
         assert hasattr(outcome, name)
+
+
+def test_a_turn_resumed_in_other_threads_keeps_its_index_and_finishes(runner, home_with_index):
+    """The API (asyncio.to_thread(next, ...)) and Gradio resume the runner's generator in whichever
+    worker thread is free; the turn's facts (its index) must survive that and nothing may raise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval import open_index
+
+    other = open_index(home_with_index / "indexes" / "other", embedder="hash")
+    (home_with_index / "other-docs").mkdir(exist_ok=True)
+    (home_with_index / "other-docs" / "moon.md").write_text("The moon base stores 40 tonnes of ice.")
+    other.add_paths([home_with_index / "other-docs"])
+
+    for text, index, expect in (("/search moon base ice", "other", "moon.md"),
+                                ("/sentiment I loved it, wonderful!", "default", None)):
+        gen = runner.run([{"role": "user", "content": text}], TurnOptions(collections=(index,)), threading.Event())
+        events, outcome = [], None
+        while True:
+            with ThreadPoolExecutor(1) as one:  # a fresh thread for every step, as a busy server does
+                try:
+                    events.append(one.submit(next, gen).result())
+                except StopIteration as stop:
+                    outcome = stop.value
+                    break
+        assert all(e.ok for e in events if isinstance(e, ToolFinished)), events
+        if expect:
+            assert outcome.sources and outcome.sources[0]["source"].endswith(expect)
+        else:
+            assert outcome.direct_reply.startswith("**Positive**")
