@@ -8,7 +8,6 @@ loop notices the disconnect, sets the turn's cancel flag, and the engine stops w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import json
 import logging
@@ -25,6 +24,7 @@ from bot.assistant import TurnOptions
 from bot.engine import BASE, GenerationParams
 from bot.errors import NotFoundError, ParleyError, RequestError
 from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
+from bot.owners import Identity, UnauthorizedError
 from bot.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,17 @@ KNOWN_FIELDS = {
     "n", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
     "metadata", "store", "adapter", "conversation_id", "parley",
 }
+
+
+def is_upload(request: Request) -> bool:
+    """A multipart document upload (bot/api_documents.py bounds its size itself, per file)."""
+    return (request.method == "POST" and request.url.path.startswith("/v1/collections/")
+            and request.headers.get("content-type", "").startswith("multipart/form-data"))
+
+
+def identity_of(request: Request) -> Identity:
+    """Who sent this /v1 request (set by the auth middleware for every /v1 route)."""
+    return request.state.identity
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -202,18 +213,20 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
     app.state.runtime = runtime
     started_at = time.time()
 
+    access = runtime.access
+
     @app.middleware("http")
     async def limits_and_auth(request: Request, call_next):
         path = request.url.path
         if path.startswith("/v1"):
-            if settings.api_key:
-                given = request.headers.get("authorization", "")
-                expected = f"Bearer {settings.api_key}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          "authentication_error", {"WWW-Authenticate": "Bearer"})
+            try:
+                # Who is asking: every /v1 handler reads request.state.identity (bot/owners.py).
+                request.state.identity = access.api_identity(request.headers.get("authorization"))
+            except UnauthorizedError as exc:
+                return error_response(401, str(exc), "authentication_error", {"WWW-Authenticate": "Bearer"})
             length = request.headers.get("content-length")
-            if length is not None:
+            # Document uploads stream to disk under their own limit (max_upload_bytes), checked there.
+            if length is not None and not is_upload(request):
                 try:
                     too_big = int(length) > settings.max_request_bytes
                 except ValueError:

@@ -17,7 +17,7 @@ from bot.errors import ParleyError
 # Settings a user may type as flags on the chat/serve verbs; None means "not typed".
 SETTING_FLAGS = ("model", "device", "dtype", "system_prompt", "max_new_tokens", "max_new_tokens_cap",
                  "max_generation_time_s", "context_window", "max_batch_size", "host", "port", "api_key",
-                 "auth", "queue_size", "max_request_bytes")
+                 "api_keys", "auth", "admins", "insecure_public", "queue_size", "max_request_bytes")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
@@ -37,7 +37,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) 
         parser.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 makes it public)")
         parser.add_argument("--port", type=int)
         parser.add_argument("--api-key", dest="api_key", help="bearer key required on /v1 (or PARLEY_API_KEY)")
-        parser.add_argument("--auth", help="user:password required by the browser UI")
+        parser.add_argument("--auth", help="browser logins: user:password, or alice:pw1,bob:pw2")
+        parser.add_argument("--api-keys", dest="api_keys", help="one API key per person: alice:KEY1,bob:KEY2")
+        parser.add_argument("--admins", help="users who may train and manage adapters (default: the first --auth user)")
+        parser.add_argument("--insecure-public", dest="insecure_public", action="store_true", default=None,
+                            help="allow a public --host without --api-key and --auth")
         parser.add_argument("--max-new-tokens-cap", dest="max_new_tokens_cap", type=int)
         parser.add_argument("--max-generation-time", dest="max_generation_time_s", type=float)
         parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)

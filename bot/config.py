@@ -52,9 +52,17 @@ class Settings:
     port: int = 7860
     """Port of `parley serve`."""
     api_key: str = ""
-    """Bearer key required on /v1 when set (PARLEY_API_KEY)."""
+    """Bearer key required on /v1 when set (PARLEY_API_KEY); it belongs to the first --auth user (an admin)."""
+    api_keys: str = ""
+    """More API keys, one per person: `alice:KEY1,bob:KEY2`; each person's data is their own."""
     auth: str = ""
-    """`user:password` required by the browser UI when set."""
+    """Logins for the browser UI: `user:password`, or several `alice:pw1,bob:pw2`."""
+    admins: str = ""
+    """Users who may train, load adapters and manage shared data (default: the first --auth user)."""
+    insecure_public: bool = False
+    """Allow a public --host without --api-key and --auth (anyone who reaches it can use it)."""
+    max_upload_bytes: int = 50_000_000
+    """Largest document file accepted by an upload (browser or API)."""
     max_request_bytes: int = 1_000_000
     """Largest accepted HTTP request body."""
     queue_size: int = 64
@@ -68,7 +76,7 @@ class Settings:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
         for name in ("max_new_tokens", "max_new_tokens_cap", "max_batch_size", "queue_size",
-                     "max_request_bytes"):
+                     "max_request_bytes", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
         if self.max_generation_time_s <= 0:
@@ -77,8 +85,12 @@ class Settings:
             problems.append(f"context_window={self.context_window!r}: use 0 (model's own) or more")
         if not (0 < self.port < 65536):
             problems.append(f"port={self.port!r}: must be between 1 and 65535")
-        if self.auth and ":" not in self.auth:
-            problems.append("auth: write it as user:password")
+        from bot.owners import Access
+
+        try:
+            Access.from_settings(self)
+        except ConfigError as exc:
+            problems.append(str(exc))
         for name in self.adapters:
             if not name or name == "base" or not name.replace("-", "").replace("_", "").isalnum():
                 problems.append(f"adapter name {name!r}: use letters, digits, - and _ (not 'base')")

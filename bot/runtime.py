@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bot.assistant import Assistant
 from bot.config import Settings
 from bot.engine import Engine
 from bot.jobs import TrainingJobs
 from bot.models import load_model
+from bot.owners import Access
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,11 @@ class Runtime:
     assistant: Assistant
     jobs: TrainingJobs
     load_seconds: float
+    access: Access = field(default_factory=Access)
+    """Who may do what (bot/owners.py)."""
+    documents: Any = None
+    """The document collections (bot/documents.py ``DocumentLibrary``), shared by the search tool,
+    the Documents tab and /v1/collections."""
 
 
 def discover_adapters(home: Path) -> dict[str, str]:
@@ -73,4 +80,4 @@ def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool
     assistant = Assistant(engine, store=store, system_prompt=settings.system_prompt, tools=tools)
     return Runtime(settings=settings, engine=engine, store=store, assistant=assistant,
                    jobs=TrainingJobs(engine, settings.home, settings.model),
-                   load_seconds=time.perf_counter() - started)
+                   load_seconds=time.perf_counter() - started, access=Access.from_settings(settings))

@@ -1,0 +1,48 @@
+"""Who is using this browser tab: one ``Session`` shared by every tab builder.
+
+Each tab's handlers take the browser's id (``session.browser_id``, a ``gr.BrowserState`` input)
+and the ``gr.Request``, and ask ``session.identity(request, browser_id)`` who is asking. The
+server decides, for every event: a logged-in user is ``user:NAME``; without login each browser
+gets a random id kept in its local storage (``browser:ID``). Nothing a browser sends can name
+another owner: the id is only ever combined with the login (when there is one) on the server.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import gradio as gr
+
+from bot.owners import Access, Identity, UnauthorizedError
+
+
+def new_browser_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+@dataclass
+class Session:
+    access: Access
+    browser_id: gr.BrowserState
+    """Holds this browser's random id (made on first visit by ``ensure_browser_id``)."""
+
+    def identity(self, request: gr.Request | None, browser_id: str | None) -> Identity:
+        """The identity of an event; gr.Error when it has none (the page shows the reason)."""
+        username = getattr(request, "username", None) if request is not None else None
+        try:
+            return self.access.web_identity(username, browser_id)
+        except UnauthorizedError as exc:
+            raise gr.Error(str(exc)) from None
+
+
+def make_session(access: Access) -> Session:
+    """Create inside ``gr.Blocks``; call ``ensure_browser_id`` from ``demo.load`` first."""
+    return Session(access=access, browser_id=gr.BrowserState(None, storage_key="parley-browser-id"))
+
+
+def ensure_browser_id(browser_id: str | None) -> str:
+    """The browser's id, made on its first visit (a demo.load handler; its output is browser_id)."""
+    if isinstance(browser_id, str) and 16 <= len(browser_id) <= 64:
+        return browser_id
+    return new_browser_id()
