@@ -8,13 +8,15 @@ loop notices the disconnect, sets the turn's cancel flag, and the engine stops w
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import math
+import os
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
@@ -22,12 +24,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bot.assistant import TurnOptions
 from bot.engine import BASE, GenerationParams
-from bot.errors import NotFoundError, ParleyError, RequestError
+from bot.errors import NotFoundError, ParleyError, RequestError, TooLargeError, UnsupportedMediaError
 from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
 from bot.owners import Identity, UnauthorizedError
 from bot.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+MAX_TRAIN_STEPS = 10_000
+"""Most steps a training job started over the API may run (a typo must not book the machine for days)."""
 
 KNOWN_FIELDS = {
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "top_k", "max_tokens",
@@ -35,6 +40,23 @@ KNOWN_FIELDS = {
     "n", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
     "metadata", "store", "adapter", "conversation_id", "parley",
 }
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without the port ('[::1]:7860' -> '::1')."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_host_names(settings) -> set[str] | None:
+    """The Host names a server bound to loopback answers to (None: any, for a public bind, where
+    auth is required anyway and the names are not known in advance)."""
+    extra = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not extra:
+        return None
+    return {"127.0.0.1", "localhost", "::1", settings.host.lower()} | extra
 
 
 def is_upload(request: Request) -> bool:
@@ -73,11 +95,16 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
         raise RequestError(f"unknown field(s) {', '.join(unknown)}: see /docs for the accepted fields")
     if body.get("n", 1) != 1:
         raise RequestError("n must be 1: Parley returns one choice per request")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {'role', 'content'} objects")
     model = body.get("model") or BASE
     if not isinstance(model, str):
         raise RequestError("model must be a string: 'base', an adapter name, or the model name")
     # `model` names an adapter (how OpenAI clients pick one) unless it names the base model.
     adapter = body.get("adapter") or (BASE if model in (BASE, runtime.engine.model_name) else model)
+    if not isinstance(adapter, str):
+        raise RequestError("adapter must be a string: an adapter name from GET /v1/models, or 'base'")
     runtime.engine.require_adapter(adapter)
     stop = body.get("stop") or ()
     if isinstance(stop, str):
@@ -90,16 +117,23 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
         value = body.get(name, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(f"{name} must be a number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"{name} must be a finite number, not {str(value)[:40]!r}")
+        if kind is int and value != int(value):
+            raise RequestError(f"{name} must be a whole number, not {value!r}")
         return kind(value)
 
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise RequestError(f"max_tokens must be a whole number, not {max_tokens!r}")
+        raise RequestError(f"max_tokens must be a whole number, not {str(max_tokens)[:40]!r}")
+    if not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop must be a string or a list of strings")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise RequestError(f"seed must be a whole number from 0 to 2**63-1, not {str(seed)[:40]!r}")
     params = GenerationParams(
         max_new_tokens=max_tokens,
         temperature=number("temperature", 0.7), top_p=number("top_p", 1.0), top_k=number("top_k", 0, int),
-        repetition_penalty=number("repetition_penalty", 1.0), seed=body.get("seed"),
+        repetition_penalty=number("repetition_penalty", 1.0), seed=seed,
         stop=tuple(stop))
     extra = body.get("parley") or {}
     if not isinstance(extra, dict):
@@ -115,7 +149,13 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
                           always_search=bool(extra.get("always_search", False)),
                           collections=tuple(collections), source="api")
     stream_options = body.get("stream_options") or {}
-    return ChatRequest(messages=body.get("messages"), options=options, stream=bool(body.get("stream", False)),
+    if not isinstance(stream_options, dict):
+        raise RequestError("stream_options must be an object, e.g. {\"include_usage\": true}")
+    conversation_id = body.get("conversation_id")
+    if conversation_id is not None and not isinstance(conversation_id, str):
+        raise RequestError("conversation_id must be a string from GET /v1/conversations")
+    options.conversation_id = conversation_id
+    return ChatRequest(messages=messages, options=options, stream=bool(body.get("stream", False)),
                        include_usage=bool(stream_options.get("include_usage", False)), model=model)
 
 
@@ -192,18 +232,36 @@ def _step(event: Event) -> dict[str, Any]:
             "id": event.call_id}
 
 
-async def _aiter(events: Iterator[Event], cancel: threading.Event) -> AsyncIterator[Event]:
-    """Iterate a blocking event generator from async code without blocking the event loop."""
-    sentinel = object()
-    try:
-        while True:
-            event = await asyncio.to_thread(next, events, sentinel)
-            if event is sentinel:
-                return
-            yield event
-    finally:
-        cancel.set()
-        await asyncio.to_thread(events.close)
+class TurnThreads:
+    """The threads that step turns' blocking event generators for async code.
+
+    Why not ``asyncio.to_thread``: its default pool has min(32, cores + 4) threads (6 here); a
+    request waiting for a batch slot holds one for as long as it waits, so a full batch plus a few
+    waiting requests took every thread and even the instant "queue full" answer, /health and
+    uploads stalled behind them. This pool has a thread for every turn the engine can hold
+    (batch + queue), and blocking work that is not a turn (store, files) keeps the default pool.
+    """
+
+    def __init__(self, size: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="parley-turn")
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def iterate(self, events: Iterator[Event], cancel: threading.Event) -> AsyncIterator[Event]:
+        """Iterate a blocking event generator without blocking the event loop; closing it cancels."""
+        sentinel = object()
+        try:
+            while True:
+                event = await self.run(next, events, sentinel)
+                if event is sentinel:
+                    return
+                yield event
+        finally:
+            cancel.set()
+            await self.run(events.close)
 
 
 def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
@@ -212,12 +270,20 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
                   description="OpenAI-compatible chat API of Parley, a chat assistant you can train.")
     app.state.runtime = runtime
     started_at = time.time()
+    turns = TurnThreads(settings.max_batch_size + settings.queue_size + 4)
+    _aiter = turns.iterate
 
     access = runtime.access
+
+    allowed_hosts = allowed_host_names(settings)
 
     @app.middleware("http")
     async def limits_and_auth(request: Request, call_next):
         path = request.url.path
+        if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
+            # DNS rebinding: a page on evil.example that resolves to 127.0.0.1 still sends its own Host.
+            return error_response(400, "unknown Host header: this server answers to "
+                                       f"{', '.join(sorted(allowed_hosts))}; add yours with --allowed-hosts")
         if path.startswith("/v1"):
             try:
                 # Who is asking: every /v1 handler reads request.state.identity (bot/owners.py).
@@ -237,11 +303,18 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         return await call_next(request)
 
     async def read_json(request: Request) -> Any:
-        body = b""
+        # Only application/json: a web page can POST text/plain or a form to a localhost server
+        # without a CORS preflight (CSRF); JSON bodies need one, which this server never grants.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise UnsupportedMediaError(f"send the body as JSON with 'Content-Type: application/json' "
+                                        f"(got {kind[:60] or 'no Content-Type'})")
+        body = bytearray()
         async for chunk in request.stream():  # also bounds chunked bodies without Content-Length
             body += chunk
             if len(body) > settings.max_request_bytes:
-                raise RequestError(f"the request body is over {settings.max_request_bytes} bytes")
+                raise TooLargeError(f"the request body is over {settings.max_request_bytes} bytes: "
+                                    f"send a shorter conversation")
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -312,10 +385,19 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         req = parse_chat_request(body, runtime)
         if body.get("tools"):
             return await client_tool_completion(body, req)
-        req.options.conversation_id = await asyncio.to_thread(runtime.store.create_conversation, source="api")
-        req.options.new_messages = len(req.messages)
+        owner = identity_of(request).owner
+        req.options.owner = owner
         cancel = threading.Event()
-        events = runtime.assistant.respond(req.messages, req.options, cancel=cancel)  # raises 4xx up front
+        # Validation renders and trims the whole conversation: a thread, not the event loop.
+        # It runs before anything is stored, so a bad request leaves no orphan conversation.
+        events = await turns.run(partial(runtime.assistant.respond, req.messages, req.options, cancel=cancel))
+        if req.options.conversation_id:  # continue one of your own conversations (404 otherwise)
+            await asyncio.to_thread(runtime.store.get_conversation, req.options.conversation_id, owner)
+            req.options.new_messages = 1
+        else:
+            req.options.conversation_id = await asyncio.to_thread(runtime.store.create_conversation, owner=owner,
+                                                                  source="api")
+            req.options.new_messages = len(req.messages)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not req.stream:
@@ -406,14 +488,15 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         correction = body.get("correction")
         if correction is not None and not isinstance(correction, str):
             raise RequestError("correction must be text")
-        fid = await asyncio.to_thread(runtime.store.add_feedback, body["turn_id"], rating,
-                                      comment=str(body.get("comment", ""))[:2000], correction=correction,
-                                      source="api")
+        fid = await asyncio.to_thread(partial(runtime.store.add_feedback, body["turn_id"], rating,
+                                              comment=str(body.get("comment", ""))[:2000], correction=correction,
+                                              source="api", owner=identity_of(request).owner))
         return {"id": fid, "turn_id": body["turn_id"], "rating": rating}
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
         """Load (or reload) a LoRA adapter by name and folder; the chat can use it at once."""
+        identity_of(request).require_admin("loading an adapter")
         body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             raise RequestError("send {\"name\": \"my-adapter\", \"path\": \"/path/to/adapter\"}")
@@ -421,21 +504,27 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         return {"name": body["name"], "loaded": sorted(runtime.engine.adapters)}
 
     @app.delete("/v1/adapters/{name}")
-    async def unload_adapter(name: str):
+    async def unload_adapter(name: str, request: Request):
         """Unload an adapter; requests that name it get 404 afterwards."""
+        identity_of(request).require_admin("unloading an adapter")
         await asyncio.to_thread(runtime.engine.unload_adapter, name)
         return {"name": name, "loaded": sorted(runtime.engine.adapters)}
 
     @app.post("/v1/train", status_code=202)
     async def start_training(request: Request):
         """Fine-tune a LoRA adapter on the chat's feedback; when it finishes the chat can use it."""
+        identity_of(request).require_admin("training")
         body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
         if not isinstance(body, dict):
             raise RequestError("send {\"name\": \"my-adapter\", \"max_steps\": optional number}")
         max_steps = body.get("max_steps")
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-            raise RequestError("max_steps must be a whole number >= 1")
-        job = runtime.jobs.start_from_feedback(body.get("name"), max_steps=max_steps)
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or not 1 <= max_steps <= MAX_TRAIN_STEPS):
+            raise RequestError(f"max_steps must be a whole number from 1 to {MAX_TRAIN_STEPS}")
+        name = body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise RequestError("name must be a string: letters, digits, - and _")
+        job = runtime.jobs.start_from_feedback(name, max_steps=max_steps)
         return job.to_dict()
 
     @app.get("/v1/train")
@@ -446,8 +535,42 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
     async def get_training(name: str):
         job = runtime.jobs.jobs.get(name)
         if job is None:
-            raise NotFoundError(f"no training job named {name!r}")
+            raise NotFoundError(f"no training job named {name[:64]!r}")
         return job.to_dict()
+
+    @app.delete("/v1/train/{name}")
+    async def cancel_training(name: str, request: Request):
+        """Stop a running training job (its adapter is not replaced)."""
+        identity_of(request).require_admin("cancelling training")
+        if name not in runtime.jobs.jobs:
+            raise NotFoundError(f"no training job named {name[:64]!r}")
+        runtime.jobs.cancel(name)
+        return runtime.jobs.jobs[name].to_dict()
+
+    # -- conversations: each person's own --------------------------------------------------------
+    @app.get("/v1/conversations")
+    async def list_conversations(request: Request, limit: int = 50):
+        """Your conversations, newest first (every front end's: web, API, terminal)."""
+        rows = await asyncio.to_thread(partial(runtime.store.list_conversations, max(1, min(limit, 500)),
+                                               owner=identity_of(request).owner))
+        return {"object": "list", "data": [{k: r[k] for k in ("id", "title", "source", "created_at", "updated_at")}
+                                           for r in rows]}
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str, request: Request):
+        """One of your conversations with its turns; someone else's is a 404."""
+        owner = identity_of(request).owner
+        row = await asyncio.to_thread(runtime.store.get_conversation, conversation_id, owner)
+        turns = await asyncio.to_thread(runtime.store.turns, conversation_id, owner)
+        return {"id": row["id"], "title": row["title"], "source": row["source"],
+                "turns": [{"id": t.id, "seq": t.seq, "messages": t.messages, "reply": t.reply, "adapter": t.adapter,
+                           "finish_reason": t.finish_reason, "created_at": t.created_at} for t in turns]}
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str, request: Request):
+        """Delete one of your conversations (its turns and their feedback go with it)."""
+        await asyncio.to_thread(runtime.store.delete_conversation, conversation_id, identity_of(request).owner)
+        return {"id": conversation_id, "deleted": True}
 
     if os.environ.get("SLACK_SIGNING_SECRET") and os.environ.get("SLACK_BOT_TOKEN"):
         # Slack's HTTP Events API beside the chat (Socket Mode needs no server: `parley slack`).
@@ -461,7 +584,7 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         from ui.app import build_ui
 
         demo = build_ui(runtime)
-        auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
+        auth = access.check_login if access.login_required else None
         app = gr.mount_gradio_app(app, demo, path="/", auth=auth, show_error=False,
                                   max_file_size=settings.max_request_bytes)
     return app
@@ -472,10 +595,14 @@ def serve(settings) -> int:
 
     from bot.runtime import build_runtime
 
+    from bot.owners import Access
+
+    Access.from_settings(settings).check_startup()  # before minutes of loading, not after
     runtime = build_runtime(settings)
     app = create_app(runtime)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        log.warning("serving on %s without an API key: anyone who can reach it can use /v1", settings.host)
+    if settings.insecure_public and not runtime.access.loopback and not runtime.access.login_required:
+        log.warning("serving on %s without auth (--insecure-public): anyone who can reach it can chat; "
+                    "admin actions are refused", settings.host)
     print(f"Parley is ready at http://{settings.host}:{settings.port}  (API: /v1, health: /health)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0

@@ -17,7 +17,7 @@ from bot.errors import ParleyError
 # Settings a user may type as flags on the chat/serve verbs; None means "not typed".
 SETTING_FLAGS = ("model", "device", "dtype", "system_prompt", "max_new_tokens", "max_new_tokens_cap",
                  "max_generation_time_s", "context_window", "max_batch_size", "host", "port", "api_key",
-                 "api_keys", "auth", "admins", "insecure_public", "queue_size", "max_request_bytes")
+                 "api_keys", "auth", "admins", "insecure_public", "allowed_hosts", "queue_size", "max_request_bytes")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
@@ -40,6 +40,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) 
         parser.add_argument("--auth", help="browser logins: user:password, or alice:pw1,bob:pw2")
         parser.add_argument("--api-keys", dest="api_keys", help="one API key per person: alice:KEY1,bob:KEY2")
         parser.add_argument("--admins", help="users who may train and manage adapters (default: the first --auth user)")
+        parser.add_argument("--allowed-hosts", dest="allowed_hosts",
+                            help="extra Host names to answer to, e.g. a reverse proxy's (comma-separated)")
         parser.add_argument("--insecure-public", dest="insecure_public", action="store_true", default=None,
                             help="allow a public --host without --api-key and --auth")
         parser.add_argument("--max-new-tokens-cap", dest="max_new_tokens_cap", type=int)

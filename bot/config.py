@@ -61,6 +61,9 @@ class Settings:
     """Users who may train, load adapters and manage shared data (default: the first --auth user)."""
     insecure_public: bool = False
     """Allow a public --host without --api-key and --auth (anyone who reaches it can use it)."""
+    allowed_hosts: str = ""
+    """Extra Host names a loopback server answers to (a reverse proxy's name); others get 400
+    (a guard against DNS rebinding). Comma-separated."""
     max_upload_bytes: int = 50_000_000
     """Largest document file accepted by an upload (browser or API)."""
     max_request_bytes: int = 1_000_000

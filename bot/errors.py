@@ -38,6 +38,18 @@ class NotFoundError(RequestError):
     status = 404
 
 
+class TooLargeError(RequestError):
+    """A request body or upload is over its size limit (HTTP 413)."""
+
+    status = 413
+
+
+class UnsupportedMediaError(RequestError):
+    """A body sent with a Content-Type the route does not read (HTTP 415)."""
+
+    status = 415
+
+
 class ContextOverflowError(RequestError):
     """A single message cannot fit into the model's context window."""
 

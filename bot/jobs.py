@@ -68,9 +68,15 @@ class TrainingJobs:
         name = name or time.strftime("feedback-%Y%m%d-%H%M%S")
         if not NAME.match(name) or name == "base":
             raise RequestError(f"adapter name {name!r}: use letters, digits, - and _ (not 'base')")
+        target = self.home / "adapters" / name
+        loaded = self.engine.adapters.get(name)
+        if loaded is not None and Path(loaded).resolve() != target.resolve():
+            # Replacing it would swap, for everyone, an adapter someone loaded from elsewhere.
+            raise RequestError(f"an adapter named {name!r} is already loaded from {loaded}: pick another name")
         with self._lock:
             if self.running():
-                raise RequestError(f"training job {self.running().name!r} is still running: wait for it to finish")
+                raise RequestError(f"training job {self.running().name!r} is still running: wait for it to finish "
+                                   f"or cancel it (DELETE /v1/train/{self.running().name})")
             runs = self.home / "runs"
             runs.mkdir(parents=True, exist_ok=True)
             log_path = runs / f"{name}.log"

@@ -109,15 +109,17 @@ class Access:
 
     @property
     def login_required(self) -> bool:
-        return bool(self.users)
+        """The browser UI asks for a login whenever the API needs a key: one key or login covers
+        every route that acts (an API key's owner logs in with their NAME and the key)."""
+        return bool(self.users or self.keys)
 
     def check_startup(self) -> None:
         """Refuse a public server that anyone could use, unless explicitly asked for."""
-        if not self.loopback and not (self.keys and self.users) and not self.insecure_public:
-            missing = " and ".join(x for x, ok in (("--api-key", self.keys), ("--auth", self.users)) if not ok)
-            raise ConfigError(f"refusing to serve on a public address without {missing}: anyone who can reach it "
-                              f"could use the model, read and delete data and start training. Add {missing}, "
-                              f"bind to 127.0.0.1, or pass --insecure-public if that is really what you want")
+        if not self.loopback and not (self.keys or self.users) and not self.insecure_public:
+            raise ConfigError("refusing to serve on a public address without --api-key or --auth: anyone who can "
+                              "reach it could use the model, read and delete data and start training. Add "
+                              "--auth USER:PASSWORD (and --api-key KEY for the API), bind to 127.0.0.1, or pass "
+                              "--insecure-public if that is really what you want")
 
     # -- the API ---------------------------------------------------------------------------------
     def api_identity(self, authorization: str | None) -> Identity:
@@ -134,16 +136,23 @@ class Access:
         return Identity(f"user:{match}", admin=match in self.admins)
 
     # -- the browser -----------------------------------------------------------------------------
+    def _names(self) -> set[str]:
+        return set(self.users) | {name for name, _ in self.keys}
+
     def check_login(self, username: str, password: str) -> bool:
-        """Gradio's auth callable: one of the --auth users with the right password."""
-        expected = self.users.get(username)
-        ok = hmac.compare_digest((password or "").encode(), (expected or "\0invalid").encode())
-        return ok and expected is not None
+        """Gradio's auth callable: an --auth user with their password, or a key's owner with the key."""
+        given = (password or "").encode()
+        ok = False
+        candidates = ([self.users[username].encode()] if username in self.users else []) + \
+            [secret for name, secret in self.keys if name == username]
+        for secret in candidates or [b"\0invalid"]:  # compare even for unknown users (timing)
+            ok |= hmac.compare_digest(given, secret)
+        return ok and bool(candidates)
 
     def web_identity(self, username: str | None, browser_id: str | None) -> Identity:
         """The identity of a browser session: the logged-in user, else the browser's own random id."""
-        if self.users:
-            if not username or username not in self.users:
+        if self.login_required:
+            if not username or username not in self._names():
                 raise UnauthorizedError("log in first")
             return Identity(f"user:{username}", admin=username in self.admins)
         if not browser_id or not _BROWSER_ID.match(browser_id):

@@ -27,8 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bot.errors import ConfigError
-
-TOOLS = ("search", "translate", "sentiment")
+from bot.tool_names import TOOL_NAMES as TOOLS
 CLASSES = TOOLS + ("none",)
 
 USAGE = {

@@ -2,7 +2,13 @@
 
 One ``Store`` per process; it is safe to share between threads (one connection per thread, WAL
 mode so readers never block the writer). Every finished turn is committed before the caller is
-told it is done, so a crash or a failing later request never loses it.
+told it is done, with ``synchronous=FULL``: the commit is on disk when ``add_turn`` returns, so
+a killed process or a power cut never loses it (NORMAL in WAL mode may lose the last commits on
+power loss; a turn is worth the fsync).
+
+Conversations belong to an owner (bot/owners.py). Methods that read or change a conversation
+take ``owner=``; when it is given and the conversation is someone else's, the answer is the same
+NotFoundError as for a conversation that does not exist: no data, and no hint that it exists.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bot.errors import NotFoundError, RequestError
+from bot.owners import LOCAL
+
+MAX_CORRECTION_CHARS = 8000
+"""Longest better reply a person may write (a correction is training data, not a document)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL DEFAULT '',
     source TEXT NOT NULL DEFAULT 'web',       -- web, api, cli, slack, discord
+    owner TEXT NOT NULL DEFAULT 'local',      -- bot/owners.py: user:NAME, browser:ID, local, slack...
     external_key TEXT,                        -- e.g. slack:T1:C1:thread_ts; unique when set
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -98,6 +109,12 @@ class Store:
         self._write_lock = threading.Lock()
         with self._conn() as conn:
             conn.executescript(SCHEMA)
+            # Databases made before conversations had owners: add the column (they were the
+            # single local user's), then the index that lists a person's conversations.
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(conversations)")}
+            if "owner" not in columns:
+                conn.execute("ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT 'local'")
+            conn.execute("CREATE INDEX IF NOT EXISTS conversations_owner ON conversations(owner, updated_at)")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -106,7 +123,7 @@ class Store:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
@@ -123,41 +140,56 @@ class Store:
                 raise
 
     # -- conversations -------------------------------------------------------------------------
-    def create_conversation(self, *, title: str = "", source: str = "web",
+    def create_conversation(self, *, owner: str = LOCAL, title: str = "", source: str = "web",
                             external_key: str | None = None) -> str:
         cid = uuid.uuid4().hex
         now = time.time()
-        self._write("INSERT INTO conversations (id, title, source, external_key, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (cid, title[:200], source, external_key, now, now))
+        self._write("INSERT INTO conversations (id, title, source, owner, external_key, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, title[:200], source, owner, external_key, now, now))
         return cid
 
     def conversation_for(self, external_key: str, *, source: str, title: str = "") -> str:
-        """The conversation bound to a platform thread, created on first use (race-safe)."""
+        """The conversation bound to a platform thread, created on first use (race-safe).
+
+        Platform threads are owned by the platform (``slack``, ``discord``): the platform's own
+        channel permissions decide who reads them.
+        """
         row = self._conn().execute("SELECT id FROM conversations WHERE external_key = ?",
                                    (external_key,)).fetchone()
         if row:
             return row["id"]
         try:
-            return self.create_conversation(title=title, source=source, external_key=external_key)
+            return self.create_conversation(owner=source, title=title, source=source, external_key=external_key)
         except sqlite3.IntegrityError:  # another thread created it first
             row = self._conn().execute("SELECT id FROM conversations WHERE external_key = ?",
                                        (external_key,)).fetchone()
             return row["id"]
 
-    def get_conversation(self, conversation_id: str) -> dict[str, Any]:
-        row = self._conn().execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+    def get_conversation(self, conversation_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The conversation row; NotFoundError when it does not exist or is not ``owner``'s."""
+        row = self._conn().execute("SELECT * FROM conversations WHERE id = ?", (str(conversation_id),)).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            raise NotFoundError(f"conversation {str(conversation_id)[:64]!r} does not exist (or is not yours)")
         return dict(row)
 
-    def list_conversations(self, limit: int = 50, source: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM conversations"
-        args: tuple = ()
+    def list_conversations(self, limit: int = 50, source: str | None = None,
+                           owner: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; only ``owner``'s when given (front ends always give it)."""
+        where, args = [], []
         if source:
-            sql += " WHERE source = ?"
-            args = (source,)
+            where.append("source = ?")
+            args.append(source)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        sql = "SELECT * FROM conversations" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY updated_at DESC LIMIT ?"
-        return [dict(r) for r in self._conn().execute(sql, args + (limit,))]
+        return [dict(r) for r in self._conn().execute(sql, (*args, limit))]
+
+    def delete_conversation(self, conversation_id: str, owner: str | None = None) -> None:
+        """Delete a conversation with its turns and their feedback (owner-checked when given)."""
+        self.get_conversation(conversation_id, owner)
+        self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     # -- turns ---------------------------------------------------------------------------------
     def add_turn(self, conversation_id: str, *, messages: list[dict[str, Any]], reply: str, model: str,
@@ -198,39 +230,54 @@ class Store:
     def set_turn_external_id(self, turn_id: str, external_id: str) -> None:
         self._write("UPDATE turns SET external_id = ? WHERE id = ?", (external_id, turn_id))
 
-    def turns(self, conversation_id: str) -> list[Turn]:
+    def turns(self, conversation_id: str, owner: str | None = None) -> list[Turn]:
+        if owner is not None:
+            self.get_conversation(conversation_id, owner)
         rows = self._conn().execute("SELECT * FROM turns WHERE conversation_id = ? ORDER BY seq",
                                     (conversation_id,)).fetchall()
         return [_turn(r) for r in rows]
 
     def get_turn(self, turn_id: str) -> Turn:
-        row = self._conn().execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
+        row = self._conn().execute("SELECT * FROM turns WHERE id = ?", (str(turn_id),)).fetchone()
         if row is None:
-            raise NotFoundError(f"turn {turn_id!r} does not exist")
+            raise NotFoundError(f"turn {str(turn_id)[:64]!r} does not exist (or is not yours)")
         return _turn(row)
 
     def turn_by_external_id(self, external_id: str) -> Turn | None:
         row = self._conn().execute("SELECT * FROM turns WHERE external_id = ?", (external_id,)).fetchone()
         return _turn(row) if row else None
 
-    def history(self, conversation_id: str) -> list[dict[str, Any]]:
+    def history(self, conversation_id: str, owner: str | None = None) -> list[dict[str, Any]]:
         """The conversation as chat messages (inputs and replies in order), for the next turn."""
         out: list[dict[str, Any]] = []
-        for turn in self.turns(conversation_id):
+        for turn in self.turns(conversation_id, owner):
             out.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
             out.append({"role": "assistant", "content": turn.reply})
         return out
 
-    def truncate_after(self, conversation_id: str, seq: int) -> None:
+    def truncate_after(self, conversation_id: str, seq: int, owner: str | None = None) -> None:
         """Forget turns after ``seq`` (retry and edit in the UI branch from an earlier turn)."""
+        if owner is not None:
+            self.get_conversation(conversation_id, owner)
         self._write("DELETE FROM turns WHERE conversation_id = ? AND seq > ?", (conversation_id, seq))
 
     # -- feedback ------------------------------------------------------------------------------
     def add_feedback(self, turn_id: str, rating: int, *, comment: str = "", correction: str | None = None,
-                     source: str = "web", user: str = "") -> int:
-        if rating not in (-1, 1):
+                     source: str = "web", user: str = "", owner: str | None = None) -> int:
+        """Rate a turn. With ``owner``, only that owner's turns can be rated (others: 404), and the
+        rating is recorded as theirs (``user``)."""
+        if rating not in (-1, 1) or isinstance(rating, bool):
             raise RequestError(f"rating must be 1 (good) or -1 (bad), not {rating!r}")
-        self.get_turn(turn_id)  # a clear 404 instead of a foreign-key failure
+        if correction is not None and len(correction) > MAX_CORRECTION_CHARS:
+            raise RequestError(f"the correction is {len(correction)} characters; the limit is "
+                               f"{MAX_CORRECTION_CHARS}: send a shorter better reply")
+        turn = self.get_turn(turn_id)  # a clear 404 instead of a foreign-key failure
+        if owner is not None:
+            try:
+                self.get_conversation(turn.conversation_id, owner)
+            except NotFoundError:
+                raise NotFoundError(f"turn {str(turn_id)[:64]!r} does not exist (or is not yours)") from None
+            user = user or owner
         cur = self._write("INSERT INTO feedback (turn_id, rating, comment, correction, source, user, created_at)"
                           " VALUES (?, ?, ?, ?, ?, ?, ?)",
                           (turn_id, rating, comment, correction, source, user, time.time()))
@@ -246,12 +293,19 @@ class Store:
     def feedback_examples(self, min_rating: int = 1) -> Iterator[dict[str, Any]]:
         """Turns people rated, as OpenAI ``messages`` rows for fine-tuning.
 
-        A turn rated good yields its conversation up to and including the reply; a turn with a
-        correction yields the corrected reply instead. Bad turns without a correction are skipped.
+        A turn yields its conversation up to and including the reply when its net rating is good:
+        each person's latest vote counts once, and the votes are summed (so one 👍 does not
+        outvote many 👎). A turn with a correction yields the newest correction instead, whatever
+        the votes. Bad turns without a correction are skipped.
         """
         rows = self._conn().execute(
-            "SELECT f.turn_id, MAX(f.rating) AS rating, MAX(f.correction) AS correction"
-            " FROM feedback f GROUP BY f.turn_id").fetchall()
+            "WITH latest AS (SELECT id, turn_id, rating, ROW_NUMBER() OVER ("
+            "  PARTITION BY turn_id, CASE WHEN user = '' THEN 'id:' || id ELSE user END ORDER BY id DESC) AS k"
+            "  FROM feedback)"
+            " SELECT turn_id, SUM(rating) AS rating,"
+            "  (SELECT correction FROM feedback c WHERE c.turn_id = latest.turn_id AND c.correction IS NOT NULL"
+            "   AND c.correction != '' ORDER BY c.id DESC LIMIT 1) AS correction"
+            " FROM latest WHERE k = 1 GROUP BY turn_id ORDER BY MIN(id)").fetchall()
         for row in rows:
             turn = self.get_turn(row["turn_id"])
             reply = row["correction"] or (turn.reply if row["rating"] >= min_rating else None)

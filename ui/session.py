@@ -36,6 +36,14 @@ class Session:
             raise gr.Error(str(exc)) from None
 
 
+    def identity_or_new(self, request: gr.Request | None, browser_id: str | None) -> tuple[Identity, str]:
+        """For events that may be a visitor's very first (sending before the page-load event that
+        makes the id has finished): make the id now; the event must return it to browser_id."""
+        if not self.access.login_required:
+            browser_id = ensure_browser_id(browser_id)
+        return self.identity(request, browser_id), browser_id or ""
+
+
 def make_session(access: Access) -> Session:
     """Create inside ``gr.Blocks``; call ``ensure_browser_id`` from ``demo.load`` first."""
     return Session(access=access, browser_id=gr.BrowserState(None, storage_key="parley-browser-id"))

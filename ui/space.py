@@ -24,6 +24,9 @@ def create():
 
     os.environ.setdefault("HF_HUB_OFFLINE", "0")  # a Space may download the model once
     flags = {} if os.environ.get("PARLEY_MODEL") else {"model": SPACE_MODEL}
+    # A Space is public: visitors without a login each get their own browser-scoped data and no
+    # admin actions (training, adapters); set PARLEY_AUTH (a Space secret) to log in as an admin.
+    flags.update(host="0.0.0.0", insecure_public=True)
     settings = load_settings(flags)
     runtime = build_runtime(settings, progress=False)
     return runtime, build_ui(runtime)
@@ -31,6 +34,6 @@ def create():
 
 if __name__ == "__main__":
     runtime, demo = create()
-    auth = tuple(runtime.settings.auth.split(":", 1)) if runtime.settings.auth else None
+    auth = runtime.access.check_login if runtime.access.login_required else None
     demo.launch(server_name="0.0.0.0", server_port=int(os.environ.get("PORT", 7860)), auth=auth,
                 show_error=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from bot.errors import ConfigError, RequestError
+from bot.tool_names import TOOL_NAMES
 from bot.events import Done, Event, TextDelta, ToolStarted
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ DISCORD_LIMIT = 2000
 """Characters per Discord message; discord.py does not check, the API answers 400 (50035)."""
 CURSOR = " ▍"
 """Shown at the end of a message while it is still growing."""
-KNOWN_TOOLS = ("search", "translate", "sentiment")
+KNOWN_TOOLS = TOOL_NAMES
 
 
 # -- splitting without breaking code fences ------------------------------------------------------

@@ -37,6 +37,7 @@ from bot.errors import ConfigError
 from bot.events import Done, Event, TextDelta, ToolFinished, ToolStarted
 from bot.router import TOOLS, Command, IntentRouter, Route, default_examples, help_text, parse_command
 from bot.tools.builtin import make_search_tool, make_sentiment_tool, make_translate_tool
+from bot.tool_names import SEARCH, SENTIMENT, TRANSLATE
 from bot.tools.native import looks_like_tool_call, parse_tool_calls, supports_native_tools
 from bot.tools.registry import ToolError, ToolRegistry, ToolResult
 from bot.tools.safety import sanitize_markdown
@@ -293,8 +294,9 @@ class ToolRunner:
         else:
             record.update(summary=result.summary)
             if result.sources:
-                record["sources"] = [{k: s.get(k) for k in ("n", "source", "page", "start", "end", "doc_id")}
-                                     for s in result.sources]
+                # Whole passages (already neutralized and capped): the UI shows what the model was
+                # given when it re-renders a stored conversation, and feedback keeps the context.
+                record["sources"] = [dict(s) for s in result.sources]
             yield ToolFinished(call_id=call_id, name=name, ok=True, summary=result.summary, data=result.data)
         outcome.tool_calls.append(record)
         return result
@@ -407,9 +409,9 @@ def build_tool_runner(engine, home: Path, *, sentiment_model: str | None = None,
                             ChatModelBackend(engine) if engine is not None else None)
     analyzer = SentimentAnalyzer(make_backend(sentiment_model))
     registry = ToolRegistry()
-    registry.register(make_search_tool(search), name="search", timeout_s=20.0, max_argument_chars=2000)
-    registry.register(make_translate_tool(translator), name="translate", timeout_s=120.0, max_argument_chars=24000)
-    registry.register(make_sentiment_tool(analyzer), name="sentiment", timeout_s=30.0, max_argument_chars=24000)
+    registry.register(make_search_tool(search), name=SEARCH, timeout_s=20.0, max_argument_chars=2000)
+    registry.register(make_translate_tool(translator), name=TRANSLATE, timeout_s=120.0, max_argument_chars=24000)
+    registry.register(make_sentiment_tool(analyzer), name=SENTIMENT, timeout_s=30.0, max_argument_chars=24000)
     if router is None:
         router = IntentRouter(default_examples())
     return ToolRunner(registry, router, engine=engine, settings=settings, search=search)

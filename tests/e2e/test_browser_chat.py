@@ -74,13 +74,22 @@ def test_send_stop_and_history_survives_reload(app_url, page, tmp_path):
 def test_model_output_cannot_run_script_or_load_outside_images(app_url, page):
     url, runtime = app_url
     store = runtime.store
-    cid = store.create_conversation(title="xss probe", source="web")
+    # Conversations are the browser's own: learn this browser's owner from a first message.
+    page.goto(url + "/")
+    send(page, "who am I")
+    owner, deadline = None, time.time() + 60
+    while owner is None and time.time() < deadline:
+        owner = next((c["owner"] for c in store.list_conversations(50, source="web")
+                      if any(t.messages[0]["content"] == "who am I" for t in store.turns(c["id"]))), None)
+        time.sleep(0.2)
+    assert owner and owner.startswith("browser:")
+    cid = store.create_conversation(title="xss probe", source="web", owner=owner)
     store.add_turn(cid, messages=[{"role": "user", "content": "show me"}], model="m",
                    reply='<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> '
                          '[click](javascript:window.__pwned=3) ![leak](http://127.0.0.1:9/leak.png?d=secret)')
     requests = []
     page.on("request", lambda r: requests.append(r.url))
-    page.goto(url + "/")
+    page.reload()
     page.get_by_text("xss probe").first.click()
     page.get_by_text("show me").first.wait_for()
     time.sleep(1.0)

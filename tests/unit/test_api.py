@@ -150,8 +150,12 @@ def test_gradio_chat_through_gradio_client(server):
     from gradio_client import Client
 
     url, runtime = server
-    client = Client(url + "/", verbose=False)
+    # The API key covers the browser app too: its owner logs in with the key (one key guards every route).
+    with pytest.raises(Exception, match="credentials"):
+        Client(url + "/", verbose=False)
+    client = Client(url + "/", verbose=False, auth=("admin", "sekret"))
     reply, conversation_id = client.predict("hello", None, 0.0, 8, "base", api_name="/chat")
+    assert runtime.store.get_conversation(conversation_id)["owner"] == "user:admin"
     turns = runtime.store.turns(conversation_id)
     assert len(turns) == 1 and turns[0].reply == reply
     # Streaming: a submitted job yields growing partial replies.
