@@ -1,8 +1,14 @@
 """Documents in: files and folders -> `Document`s with source, title and (for PDFs) pages.
 
 Supported: plain text, Markdown, reStructuredText, HTML (visible text only), PDF (pypdf),
-JSONL (one document per line, with a text field). Any file that cannot be loaded raises
-`LoadSkip` whose message is the reason shown in the ingest report; callers skip it and go on.
+DOCX (python-docx), JSONL (one document per line, with a text field). Any file that cannot be
+loaded raises `LoadSkip` whose message is the reason shown in the ingest report (one line that
+says what is wrong and how to fix it); callers skip it and go on.
+
+Untrusted files are bounded before they are parsed: a DOCX is a zip, so its member count and
+inflated size are checked from the zip directory first (a zip bomb is refused without inflating
+it), macro-enabled Word files are refused, PDFs are limited in pages and extracted text, and a
+folder walk never follows a symbolic link out of the folder.
 
 Character offsets: a document's `text` is what chunk spans point into. For text and Markdown
 files it is the decoded file itself, so a span is an exact position in the file; for HTML and
@@ -13,9 +19,12 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,7 +35,23 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".log"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES | JSONL_SUFFIXES
+DOCX_SUFFIXES = {".docx"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES | JSONL_SUFFIXES | DOCX_SUFFIXES
+
+# Types people try that are refused with a specific reason rather than "unsupported".
+_MACROS = "macro-enabled Office file: files with macros are refused; save it as .docx (Word removes the macros)"
+REFUSED_SUFFIXES = {
+    ".docm": _MACROS, ".dotm": _MACROS, ".xlsm": _MACROS, ".pptm": _MACROS,
+    ".doc": "old Word format (.doc) is not supported: save it as .docx",
+    ".dot": "old Word template (.dot) is not supported: save it as .docx",
+}
+
+# Bounds for untrusted archives and PDFs (a 50 MB upload must not become gigabytes in memory).
+DOCX_MAX_MEMBERS = 1000
+DOCX_MAX_INFLATED_BYTES = 256 * 1024 * 1024
+PDF_MAX_PAGES = 5000
+MAX_TEXT_CHARS = 50_000_000
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # Compound File: encrypted OOXML, or old .doc
 
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 JSONL_TEXT_FIELDS = ("text", "content", "body")
@@ -73,6 +98,11 @@ def iter_files(
     `include=["*.md"]`, `exclude=["drafts/*", "*.min.html"]`. In folders, hidden entries and
     files of unsupported types are left out silently; a file named explicitly is always yielded
     (its loader reports why it cannot be read). A missing path yields a skip reason.
+
+    Symbolic links inside a folder are never followed out of it: a link (to a file or a folder)
+    that resolves outside the folder, or nowhere, yields a skip reason; a link to a file inside
+    the folder yields that file (once). Links to folders are not descended into (their target,
+    if inside, is walked anyway). A path named explicitly is the user's choice and is followed.
     """
     include = list(include or [])
     exclude = list(exclude or [])
@@ -92,9 +122,15 @@ def iter_files(
             yield p, "not a regular file or folder"
             continue
         root = p.resolve()
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: links are checked below
             # Sorted, so ingest order (and thus chunk ids) is deterministic.
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in dirnames:
+                full = Path(dirpath) / name
+                if full.is_symlink():
+                    reason = _outside_link(full, root)
+                    if reason:
+                        yield full, reason
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue
@@ -106,7 +142,24 @@ def iter_files(
                     continue
                 if full.suffix.lower() not in SUPPORTED_SUFFIXES:
                     continue
+                if full.is_symlink():
+                    reason = _outside_link(full, root)
+                    if reason:
+                        yield full, reason
+                        continue
+                    full = full.resolve()
                 yield full, None
+
+
+def _outside_link(link: Path, root: Path) -> str | None:
+    """Why a symbolic link under `root` is not followed, or None when it stays inside `root`."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing target, or a loop
+        return "broken symbolic link: not followed"
+    if target != root and root not in target.parents:
+        return f"symbolic link to {target}, outside the folder: not followed (copy the file in instead)"
+    return None
 
 
 def read_bytes_capped(path: Path, max_bytes: int) -> bytes:
@@ -193,6 +246,8 @@ def load_pdf(path: Path, data: bytes) -> tuple[str, str | None, list[tuple[int, 
                 raise LoadSkip(f"encrypted PDF that cannot be opened: {exc}") from exc
             if not ok:
                 raise LoadSkip("encrypted PDF (needs a password); decrypt it first")
+        if len(reader.pages) > PDF_MAX_PAGES:
+            raise LoadSkip(f"PDF has {len(reader.pages):,} pages, over the limit of {PDF_MAX_PAGES:,}: split it")
         parts: list[str] = []
         pages: list[tuple[int, int, int]] = []
         pos = 0
@@ -200,6 +255,8 @@ def load_pdf(path: Path, data: bytes) -> tuple[str, str | None, list[tuple[int, 
             page_text = (page.extract_text() or "").strip()
             if not page_text:
                 continue
+            if pos + len(page_text) > MAX_TEXT_CHARS:
+                raise LoadSkip(f"PDF text is over {MAX_TEXT_CHARS:,} characters (by page {number}): split it")
             if parts:
                 pos += 2  # the "\n\n" joining pages
             pages.append((number, pos, pos + len(page_text)))
@@ -215,17 +272,116 @@ def load_pdf(path: Path, data: bytes) -> tuple[str, str | None, list[tuple[int, 
     except LoadSkip:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-        raise LoadSkip(f"broken PDF: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # pypdf surfaces many internal errors on malformed files
-        raise LoadSkip(f"broken PDF: {type(exc).__name__}: {exc}") from exc
+        raise LoadSkip(f"broken PDF ({_one_line(exc)}): the file is damaged or cut off; export it again") from exc
+    except Exception as exc:  # pypdf surfaces many internal errors on malformed files (LimitReachedError...)
+        raise LoadSkip(f"broken PDF ({_one_line(exc)}): the file is damaged or cut off; export it again") from exc
     if not parts:
         raise LoadSkip("PDF has no extractable text (scanned? OCR is not supported)")
     return "\n\n".join(parts), title, pages
 
 
-def load_jsonl(path: Path, data: bytes) -> list[Document]:
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _zip_entry_count(data: bytes) -> int | None:
+    """Entries declared in a zip's end-of-central-directory record (None when not found)."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if at < 0 or at + 22 > len(data):
+        return None
+    return struct.unpack_from("<H", data, at + 10)[0]
+
+
+def check_office_zip(data: bytes, what: str = "DOCX", max_members: int = DOCX_MAX_MEMBERS,
+                     max_inflated: int = DOCX_MAX_INFLATED_BYTES) -> zipfile.ZipFile:
+    """Open an Office (OOXML) zip only when it is safe to parse; raises `LoadSkip` otherwise.
+
+    Refused: an encrypted (password-protected) or old binary file, anything that is not a zip,
+    a damaged zip, more than `max_members` parts or more than `max_inflated` bytes once inflated
+    (both read from the zip directory, before anything is inflated; zipfile never inflates a
+    member past its declared size), encrypted members, and macros (vbaProject.bin or a
+    macro-enabled content type).
+    """
+    if data[:8] == _OLE_MAGIC:
+        raise LoadSkip(f"password-protected (encrypted) or old-format Word file: remove the password, "
+                       f"or save it as .docx")
+    if not data.startswith(b"PK"):
+        raise LoadSkip(f"not a {what} file (not a zip archive): save it from Word as .docx")
+    declared = _zip_entry_count(data)
+    if declared is not None and declared != 0xFFFF and declared > max_members:
+        raise LoadSkip(f"{what} has {declared:,} parts, over the limit of {max_members:,} (a zip bomb?): refused")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise LoadSkip(f"broken {what} ({_one_line(exc)}): the file is damaged or cut off; save it again") from exc
+    if len(infos) > max_members:
+        raise LoadSkip(f"{what} has {len(infos):,} parts, over the limit of {max_members:,} (a zip bomb?): refused")
+    inflated = sum(i.file_size for i in infos)
+    if inflated > max_inflated:
+        raise LoadSkip(f"{what} would inflate to {inflated:,} bytes, over the limit of {max_inflated:,} "
+                       f"(a zip bomb?): refused")
+    if any(i.flag_bits & 0x1 for i in infos):
+        raise LoadSkip(f"{what} has encrypted parts: remove the password and save it again")
+    names = {i.filename.lower() for i in infos}
+    if any(n.rsplit("/", 1)[-1] in ("vbaproject.bin", "vbadata.xml") for n in names):
+        raise LoadSkip(f"{what} contains macros (vbaProject.bin): files with macros are refused; save it as a "
+                       f"plain .docx")
+    if "[content_types].xml" in names:
+        try:
+            types = zf.read("[Content_Types].xml")
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise LoadSkip(f"broken {what} ({_one_line(exc)}): the file is damaged; save it again") from exc
+        if b"macroenabled" in types.lower():
+            raise LoadSkip(f"{what} is macro-enabled: files with macros are refused; save it as a plain .docx")
+    return zf
+
+
+def load_docx(path: Path, data: bytes) -> tuple[str, str | None]:
+    """Paragraphs and tables of a DOCX, in document order, and its title."""
+    check_office_zip(data)
+    try:
+        import docx
+        from docx.table import Table
+        from docx.text.paragraph import Paragraph
+
+        document = docx.Document(io.BytesIO(data))
+        parts: list[str] = []
+        title = None
+        body = document.element.body
+        for child in body.iterchildren():
+            tag = child.tag.rsplit("}", 1)[-1]
+            if tag == "p":
+                para = Paragraph(child, document)
+                text = para.text.strip()
+                if not text:
+                    continue
+                style = (para.style.name if para.style is not None else "") or ""
+                if title is None and style in ("Title", "Heading 1"):
+                    title = text
+                parts.append(text)
+            elif tag == "tbl":
+                for row in Table(child, document).rows:
+                    cells = [" ".join(c.text.split()) for c in row.cells]
+                    line = " | ".join(dict.fromkeys(c for c in cells if c))
+                    if line:
+                        parts.append(line)
+            if sum(len(p) for p in parts) > MAX_TEXT_CHARS:
+                raise LoadSkip(f"DOCX text is over {MAX_TEXT_CHARS:,} characters: split it")
+        core_title = (document.core_properties.title or "").strip()
+    except LoadSkip:
+        raise
+    except Exception as exc:  # python-docx / lxml raise many types on malformed parts
+        raise LoadSkip(f"broken DOCX ({_one_line(exc)}): the file is damaged; open and save it again in Word") from exc
+    if not parts:
+        raise LoadSkip("DOCX has no text (only images or empty?)")
+    return "\n\n".join(parts), core_title or title
+
+
+def load_jsonl(path: Path, data: bytes, origin: str | None = None) -> list[Document]:
     text = decode_text(data)
-    origin = str(path)
+    origin = origin or str(path)
     docs: list[Document] = []
     bad: list[int] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -271,10 +427,18 @@ def load_jsonl(path: Path, data: bytes) -> list[Document]:
     return docs
 
 
-def load_file(path: str | os.PathLike, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> list[Document]:
-    """Load one file into documents (one, or many for JSONL). Raises `LoadSkip` with a reason."""
+def load_file(path: str | os.PathLike, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, *,
+              key: str | None = None) -> list[Document]:
+    """Load one file into documents (one, or many for JSONL). Raises `LoadSkip` with a reason.
+
+    key: the name the documents are known by (their origin, source and id), e.g. the name an
+        uploaded file had on the uploader's machine; default: the file's resolved path. The type
+        is always taken from `path`'s suffix.
+    """
     path = Path(path).resolve()
     suffix = path.suffix.lower()
+    if suffix in REFUSED_SUFFIXES:
+        raise LoadSkip(REFUSED_SUFFIXES[suffix])
     if suffix not in SUPPORTED_SUFFIXES:
         raise LoadSkip(
             f"unsupported file type {suffix or '(none)'!r}; supported: {' '.join(sorted(SUPPORTED_SUFFIXES))}"
@@ -282,13 +446,16 @@ def load_file(path: str | os.PathLike, max_file_bytes: int = DEFAULT_MAX_FILE_BY
     data = read_bytes_capped(path, max_file_bytes)
     if not data.strip():
         raise LoadSkip("empty file")
-    origin = str(path)
+    origin = key or str(path)
     if suffix in JSONL_SUFFIXES:
-        return load_jsonl(path, data)
+        return load_jsonl(path, data, origin)
     pages: list[tuple[int, int, int]] = []
     if suffix in PDF_SUFFIXES:
         text, title, pages = load_pdf(path, data)
         kind = "pdf"
+    elif suffix in DOCX_SUFFIXES:
+        text, title = load_docx(path, data)
+        kind = "docx"
     elif suffix in HTML_SUFFIXES:
         text, title = html_to_text(decode_text(data))
         kind = "html"
@@ -302,7 +469,7 @@ def load_file(path: str | os.PathLike, max_file_bytes: int = DEFAULT_MAX_FILE_BY
         Document(
             doc_id=make_doc_id(origin),
             source=origin,
-            title=title or path.stem,
+            title=title or Path(origin).stem,
             text=text,
             content_hash=sha256_bytes(data),
             origin=origin,
