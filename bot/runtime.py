@@ -47,13 +47,13 @@ def discover_adapters(home: Path) -> dict[str, str]:
             if (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file()}
 
 
-def build_tools(engine: Engine, settings: Settings):
+def build_tools(engine: Engine, settings: Settings, documents=None):
     """The tool runner when bot.tools is available; None keeps the assistant a plain chat."""
     try:
         from bot.tools.runner import build_tool_runner
     except ImportError:
         return None
-    runner = build_tool_runner(engine, settings.home)
+    runner = build_tool_runner(engine, settings.home, documents=documents)
     # Load the router's embedder in the background: start-up stays fast, the first turn is not slow.
     threading.Thread(target=runner.warm, name="tools-warm", daemon=True).start()
     return runner
@@ -76,8 +76,14 @@ def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool
                 raise
             log.warning("skipping adapter %s in %s: %s", name, path, exc)
     store = Store(settings.db_path)
-    tools = build_tools(engine, settings) if with_tools else None
+    from bot.documents import DocumentLibrary
+
+    # One library for the process: the search tool, the Documents tab and /v1/collections share it.
+    documents = DocumentLibrary(settings.home, max_upload_bytes=settings.max_upload_bytes,
+                                embedder=getattr(settings, "embedder", None))
+    tools = build_tools(engine, settings, documents) if with_tools else None
     assistant = Assistant(engine, store=store, system_prompt=settings.system_prompt, tools=tools)
     return Runtime(settings=settings, engine=engine, store=store, assistant=assistant,
                    jobs=TrainingJobs(engine, settings.home, settings.model),
-                   load_seconds=time.perf_counter() - started, access=Access.from_settings(settings))
+                   load_seconds=time.perf_counter() - started, access=Access.from_settings(settings),
+                   documents=documents)

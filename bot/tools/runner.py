@@ -389,7 +389,7 @@ def _names(collections) -> str:
 
 def build_tool_runner(engine, home: Path, *, sentiment_model: str | None = None,
                       translation_models: dict[str, str] | None = None, settings: ToolSettings | None = None,
-                      router: IntentRouter | None = None) -> ToolRunner:
+                      router: IntentRouter | None = None, documents=None) -> ToolRunner:
     """The standard runner: search (indexes under ``home/indexes``), translate, sentiment, and routing.
 
     sentiment_model: None/"vader" for VADER, else a classifier folder or text-classification model id.
@@ -404,7 +404,7 @@ def build_tool_runner(engine, home: Path, *, sentiment_model: str | None = None,
         special = list(getattr(tokenizer, "all_special_tokens", []) or [])
         special += [str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()]
     search = DocumentSearch(Path(home), k=settings.search_k, max_passage_chars=settings.max_passage_chars,
-                            special_tokens=special)
+                            special_tokens=special, library=documents)
     translator = Translator(build_seq2seq_backends(translation_models),
                             ChatModelBackend(engine) if engine is not None else None)
     analyzer = SentimentAnalyzer(make_backend(sentiment_model))

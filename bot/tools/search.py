@@ -23,15 +23,22 @@ _INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class DocumentSearch:
-    """Opens indexes under ``home/indexes/NAME`` on first use and searches them."""
+    """Searches document collections for the chat.
+
+    With a ``library`` (bot/documents.py ``DocumentLibrary``, what the server uses) a name resolves
+    like everywhere else: the turn owner's own collection first, then the shared one; a turn
+    without an owner searches shared collections only. Without one, it opens the shared indexes
+    under ``home/indexes/NAME`` itself (the terminal and older callers).
+    """
 
     def __init__(self, home: Path, *, k: int = 4, mode: str = "hybrid", max_passage_chars: int = 1200,
-                 special_tokens: Iterable[str] = ()):
+                 special_tokens: Iterable[str] = (), library=None):
         self.root = Path(home) / "indexes"
         self.k = k
         self.mode = mode
         self.max_passage_chars = max_passage_chars
         self.special_tokens = tuple(special_tokens)
+        self.library = library
         self._open: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -56,6 +63,16 @@ class DocumentSearch:
 
     def _indexes(self, collections: Sequence[str], owner: str | None):
         """(name, open index) for each collection that exists, in the order given."""
+        if self.library is not None:
+            from bot.errors import RequestError
+
+            for name in collections:
+                if not _INDEX_NAME.match(name or "") or ".." in name:
+                    raise ToolError(f"collection name {name!r} is not valid: use letters, digits, '-', '_' and '.'")
+            try:
+                return self.library.open_indexes(owner, list(collections), missing="skip") if collections else []
+            except RequestError as exc:
+                raise ToolError(str(exc)) from None
         found = []
         for name in dict.fromkeys(collections):
             index = self.index(name)
