@@ -196,9 +196,11 @@ def build_chat_tab(runtime: Runtime, session: Session) -> ChatTab:
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.2, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top p")
+            # The default (--max-new-tokens) may be below 16 or the cap small: the slider takes both.
             cap = runtime.settings.max_new_tokens_cap
-            max_tokens = gr.Slider(min(16, cap - 1), cap, value=min(runtime.settings.max_new_tokens, cap),
-                                   step=1 if cap < 64 else 16, label="Max new tokens")
+            default = min(runtime.settings.max_new_tokens, cap)
+            max_tokens = gr.Slider(min(16, default, cap - 1), cap, value=default, step=1,
+                                   label="Max new tokens")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         with gr.Row():
             adapter = gr.Dropdown(choices=adapter_choices(), value=BASE, label="Adapter", allow_custom_value=False,
