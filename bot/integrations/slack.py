@@ -348,9 +348,15 @@ def _endpoint(app: "App"):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return Response(status_code=413)
-        body = await request.body()  # the raw bytes: the signature is checked on exactly these
-        if len(body) > MAX_BODY_BYTES:
-            return Response(status_code=413)
+        # The raw bytes (the signature is checked on exactly these), read in chunks and capped while
+        # reading: a chunked body has no Content-Length, and request.body() would buffer any size
+        # before the signature could be checked.
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return Response(status_code=413)
+        body = bytes(body)
         bolt_resp = await run_in_threadpool(app.dispatch, to_bolt_request(request, body))
         return to_starlette_response(bolt_resp)
 

@@ -348,3 +348,25 @@ def test_add_parser_and_mount(api, store):
         resp = client.post("/slack/events", content=body.encode(), headers=headers)
         assert resp.status_code == 200 and resp.json()["challenge"] == "abc"
         assert client.post("/slack/events", content=b"x" * 1_000_001).status_code == 413
+    # A chunked body declares no length: on a real server it is capped while read. The client
+    # sends 2 MB of chunks and never ends the body; a server that buffers the whole body first
+    # (request.body()) would wait for the end forever, this one answers 413 after ~1 MB.
+    import socket
+    from urllib.parse import urlparse
+
+    from tests.helpers import running_server
+
+    web.add_api_route("/health", lambda: {"ok": True})
+    with running_server(web) as url:
+        where = urlparse(url)
+        with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+            sock.sendall(b"POST /slack/events HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                         b"Content-Type: application/json\r\n\r\n")
+            chunk = b"x" * 65536
+            try:
+                for _ in range(32):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the server already answered and closed
+                pass
+            answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
