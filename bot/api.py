@@ -572,6 +572,10 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         await asyncio.to_thread(runtime.store.delete_conversation, conversation_id, identity_of(request).owner)
         return {"id": conversation_id, "deleted": True}
 
+    from bot.api_documents import documents_router
+
+    app.include_router(documents_router(runtime))
+
     if os.environ.get("SLACK_SIGNING_SECRET") and os.environ.get("SLACK_BOT_TOKEN"):
         # Slack's HTTP Events API beside the chat (Socket Mode needs no server: `parley slack`).
         from bot.integrations.slack import mount_slack
