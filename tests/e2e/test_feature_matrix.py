@@ -265,7 +265,7 @@ def _(api):
 # gradio-api: gradio_client against api_name="/chat"
 # ================================================================================================
 def _gradio_chat(g, message: str, adapter: str = "base"):
-    since = time.time() - 1
+    since = time.time()
     reply, cid = g.client.predict(message=message, temperature=0.0, max_tokens=MAX_TOKENS, adapter_name=adapter,
                                   api_name="/chat")
     turn = g.store.wait_turn(message, since=since, source="web", timeout=30)
@@ -282,7 +282,7 @@ def _(g):
 
 @cell("streaming", "gradio-api")
 def _(g):
-    since = time.time() - 1
+    since = time.time()
     job = g.client.submit(message=STREAM_Q, temperature=0.0, max_tokens=MAX_TOKENS, api_name="/chat")
     seen = [out[0] for out in job]
     final = job.outputs()[-1][0] if job.outputs() else ""
@@ -337,7 +337,7 @@ def _cli_turn(t, text: str, since: float) -> StoredTurn:
 
 @cell("plain-chat", "terminal")
 def _(t):
-    since = time.time() - 1
+    since = time.time()
     run = t.once(["chat", "--message", PARIS_Q, "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)])
     assert run.returncode == 0, f"terminal: exit {run.returncode}; stderr: {run.stderr[-800:]}"
     has_paris(run.stdout, "terminal")
@@ -346,7 +346,7 @@ def _(t):
 
 @cell("streaming", "terminal")
 def _(t):
-    since = time.time() - 1
+    since = time.time()
     run = t.once(["chat", "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)], stdin=STREAM_Q)  # piped
     assert run.returncode == 0, f"terminal: exit {run.returncode}; stderr: {run.stderr[-800:]}"
     texts = [c for _, c in run.chunks if c.strip()]
@@ -361,7 +361,7 @@ def _(t):
 def _repl(t, text: str):
     repl = t.repl()
     repl.send("/reset")
-    since = time.time() - 1
+    since = time.time()
     out = repl.send(text)
     return out, _cli_turn(t, text, since)
 
@@ -508,7 +508,7 @@ def _channel() -> str:
 
 
 def _slack_mention(s, text: str, channel: str) -> tuple[StoredTurn, str, str]:
-    since = time.time() - 1
+    since = time.time()
     ts = s.mention(text, channel=channel)
     turn = s.wait_reply(text, since=since)
     final = s.final_texts(channel)[-1]
@@ -542,7 +542,7 @@ def _(s):
 
 def _slack_command(s, name: str, text: str):
     channel = _channel()
-    since = time.time() - 1
+    since = time.time()
     s.command(name, text, channel=channel)
     turn = s.wait_reply(f"{name} {text}", since=since)
     return turn, s.final_texts(channel)[-1]
@@ -617,7 +617,7 @@ def _discord_ask(d, text: str, *, setting: str | None = None, react: bool = Fals
     async def scenario(client, mock, driver):
         import discord
 
-        since = time.time() - 1
+        since = time.time()
         if setting:
             await client.handle_message(driver.message(client, mock, f"config {setting}", author_id=OWNER_ID))
             assert "set for" in mock.final_texts()[-1], f"discord: config refused: {mock.final_texts()[-1]!r}"
@@ -722,11 +722,19 @@ def _cells():
             yield pytest.param(feature, frontend, id=f"{feature}[{frontend}]", marks=marks)
 
 
-@pytest.mark.parametrize(("feature", "frontend"), list(_cells()))
-def test_feature(feature: str, frontend: str, request):
+@pytest.fixture
+def driver(request):
+    """The front end's driver (started in the setup phase: a server that fails to start is a setup
+    error of every cell that needs it, named by the cell)."""
+    return request.getfixturevalue(DRIVERS[request.param])
+
+
+@pytest.mark.parametrize(("feature", "driver"), list(_cells()), indirect=["driver"])
+def test_feature(feature: str, driver, request):
+    frontend = request.node.callspec.params["driver"]
     check = CHECKS.get((feature, frontend))
     assert check is not None, f"{feature}[{frontend}] is offered but has no check in this module"
-    check(request.getfixturevalue(DRIVERS[frontend]))
+    check(driver)
 
 
 def test_matrix_table_matches_docstring():
