@@ -11,16 +11,31 @@ logits are those it would have alone. Requests join and leave the batch between 
 chat does not wait for others to finish.
 
 Cancellation: every request has a ``threading.Event``; the worker checks it before each decoding
-step, so a Stop button, a closed tab or a dropped HTTP stream ends generation within one step.
+step, so a Stop button, a closed tab or a dropped HTTP stream ends generation within one step. A
+request still waiting in the queue leaves it as soon as its consumer sees the flag (within a
+quarter second), when its stream is closed or garbage-collected, or when the next request is
+admitted, so abandoned requests never hold queue slots.
+
+Failures: anything that goes wrong in the worker fails the rows it touched (a prompt that cannot
+be prefilled or merged fails that request; a failed decode step or batch reshuffle fails the
+running batch) and the worker goes on serving. ``Engine.health()`` reports its real state.
+
+Adapters: a request is bound to the adapter version current when it was submitted. Loading a
+name again installs the new weights under a fresh internal name and switches new requests to it;
+rows already running finish on the old weights, which are freed when the last of them ends.
+Unloading works the same way. A load that fails changes nothing.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
@@ -89,6 +104,8 @@ class _Request:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     position: int = 0  # position id of the next token
+    peft_name: str | None = None  # the internal adapter version this request runs on (None: base)
+    finished: bool = False
 
 
 class Engine:
@@ -105,10 +122,26 @@ class Engine:
         self.max_time_s = max_time_s
         model_limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.context_window = min(context_window, model_limit) if context_window else model_limit
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # public name -> folder, what callers list and pick from
+        self.queue_size = queue_size
         self.eos_ids = self._eos_ids()
-        self._pending: "queue.Queue[_Request]" = queue.Queue(maxsize=queue_size)
+        # Lock order: _model_lock before _lock. _lock guards the queue, the adapter maps and the
+        # counters below, and is only ever held for a few dictionary operations, so submitting a
+        # request never waits for a forward pass or an adapter load.
         self._model_lock = threading.Lock()  # held for each forward pass and for adapter changes
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._live: dict[str, str] = {}        # public adapter name -> internal peft adapter name
+        self._users: dict[str, int] = {}       # internal name -> requests bound to it (queued or running)
+        self._retired: set[str] = set()        # internal names no longer public, freed when unused
+        self._doomed: list[str] = []           # retired and unused: the worker deletes them
+        self._installed: set[str] = set()      # internal names present in the peft model
+        self._versions = itertools.count(1)
+        self._active_rows = 0
+        self._errors = 0
+        self._last_error: dict[str, Any] | None = None
+        self._heartbeat = time.monotonic()
         self._closed = threading.Event()
         self._worker = threading.Thread(target=self._run, name="parley-engine", daemon=True)
         self._worker.start()
@@ -123,25 +156,28 @@ class Engine:
 
         Loading happens between decoding steps (under the model lock), so running requests are
         not disturbed. Re-loading an existing name replaces it (the chat switches at once after a
-        fine-tuning run).
+        fine-tuning run): the new weights are installed beside the old ones, new requests use
+        them, and rows still generating with the old ones finish on them. When loading fails,
+        the old adapter stays loaded and listed.
         """
-        from peft import PeftModel
-
         if name == BASE or not name:
             raise RequestError(f"adapter name {name!r} is reserved: pick another name")
         folder = validate_adapter_dir(path)
         with self._model_lock:
+            internal = f"parley_{next(self._versions)}"
             try:
-                if not isinstance(self.model, PeftModel):
-                    self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-                else:
-                    if name in self.model.peft_config:
-                        self.model.delete_adapter(name)
-                    self.model.load_adapter(str(folder), adapter_name=name)
-                self.model.eval()
+                self._install(internal, str(folder))
             except Exception as exc:
+                self._discard(internal)
                 raise RequestError(f"could not load adapter {name!r} from {folder}: {exc}") from exc
-            self.adapters[name] = str(folder)
+            with self._lock:
+                old = self._live.get(name)
+                self._live[name] = internal
+                self._users.setdefault(internal, 0)
+                self.adapters[name] = str(folder)
+                unused = self._retire(old) if old else None
+            if unused:
+                self._discard(unused)
 
     def require_adapter(self, name: str) -> None:
         """Raise NotFoundError (HTTP 404) unless ``name`` is ``base`` or a loaded adapter."""
@@ -151,11 +187,39 @@ class Engine:
                                 f"--adapter {name}=PATH or pick one of those")
 
     def unload_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise NotFoundError(f"adapter {name!r} is not loaded")
+        """Stop offering ``name`` at once; rows already generating with it finish first, and its
+        weights are freed when the last of them ends. Nobody else's request is affected."""
         with self._model_lock:
-            self.model.delete_adapter(name)
-            del self.adapters[name]
+            with self._lock:
+                if name not in self._live:
+                    raise NotFoundError(f"adapter {name!r} is not loaded")
+                internal = self._live.pop(name)
+                self.adapters.pop(name, None)
+                unused = self._retire(internal)
+            if unused:
+                self._discard(unused)
+
+    def health(self) -> dict[str, Any]:
+        """The engine's real state, for /health and monitoring.
+
+        ``ok`` is False when the worker thread is gone or the engine was closed (then every
+        request fails). ``last_step_age_s`` is how long ago the worker last went round its loop:
+        it does so at least every 0.1 s when idle and once per decoding step when busy, so a
+        large value means a stuck forward pass. ``last_error`` names where the most recent
+        worker failure happened and its exception type (details are in the log).
+        """
+        alive = self._worker.is_alive()
+        with self._lock:
+            depth = sum(1 for r in self._pending if not r.cancel.is_set())
+            retiring = len(self._retired)
+            last_error = dict(self._last_error) if self._last_error else None
+            errors = self._errors
+            adapters = sorted(self.adapters)
+        return {"ok": alive and not self._closed.is_set(), "worker_alive": alive,
+                "closed": self._closed.is_set(), "queue_depth": depth, "queue_size": self.queue_size,
+                "active_rows": self._active_rows, "max_batch_size": self.max_batch_size,
+                "adapters": adapters, "retiring_adapters": retiring, "errors": errors,
+                "last_error": last_error, "last_step_age_s": round(time.monotonic() - self._heartbeat, 3)}
 
     def prompt_ids(self, messages: list[Message], max_new_tokens: int, tools: list[dict] | None = None) -> list[int]:
         """Render and trim a conversation so the prompt plus the reply fit the context window."""
@@ -199,11 +263,32 @@ class Engine:
                            deadline=time.perf_counter() + self.max_time_s)
         if params.seed is not None:
             request.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        try:
-            self._pending.put_nowait(request)
-        except queue.Full:
-            raise BusyError("the server is busy (queue full): try again in a moment") from None
-        return self._events(request)
+        self._submit(request)
+        events = self._events(request)
+        # A stream dropped without being read to the end (or at all) gives its slot back.
+        weakref.finalize(events, self._abandon, request)
+        return events
+
+    def _submit(self, request: _Request) -> None:
+        """Queue a request or refuse it at once; never waits for the worker."""
+        with self._lock:
+            gone = self._purge_cancelled()
+            problem: Exception | None = None
+            if request.adapter != BASE and request.adapter not in self._live:
+                problem = NotFoundError(f"adapter {request.adapter!r} is not loaded (loaded: "
+                                        f"{', '.join([BASE, *self._live])}); pick one of those")
+            elif len(self._pending) >= self.queue_size:
+                problem = BusyError("the server is busy (queue full): try again in a moment")
+            else:
+                request.peft_name = self._live.get(request.adapter) if request.adapter != BASE else None
+                if request.peft_name:
+                    self._users[request.peft_name] += 1
+                self._pending.append(request)
+                self._wakeup.notify()
+        for old in gone:
+            self._finish(old, "cancelled")
+        if problem is not None:
+            raise problem
 
     def generate(self, messages: list[Message], params: GenerationParams | None = None, **kwargs) -> tuple[str, Done]:
         """Non-streaming convenience: the whole reply and its ``Done`` event."""
@@ -213,17 +298,27 @@ class Engine:
 
     def close(self) -> None:
         self._closed.set()
+        with self._lock:
+            self._wakeup.notify_all()
         self._worker.join(timeout=10)
+        with self._lock:
+            left = list(self._pending)
+            self._pending.clear()
+        for request in left:
+            self._finish(request, "cancelled", error="the engine was shut down")
 
     # -- consumer side ---------------------------------------------------------------------------
     def _events(self, request: _Request) -> Iterator[Event]:
         try:
             while True:
                 try:
-                    event = request.out.get(timeout=1.0)
+                    event = request.out.get(timeout=0.25)
                 except queue.Empty:
-                    if not self._worker.is_alive():
-                        yield Done(finish_reason="error", error="the generation worker stopped")
+                    if request.cancel.is_set():
+                        self._withdraw(request)  # still queued: leave the queue now
+                    elif not self._worker.is_alive():
+                        self._withdraw(request)
+                        yield Done(finish_reason="error", error="the generation worker stopped", status=500)
                         return
                     continue
                 yield event
@@ -231,7 +326,39 @@ class Engine:
                     return
         finally:
             # Reached on normal end and when the consumer closes us early (GeneratorExit).
-            request.cancel.set()
+            self._abandon(request)
+
+    def _abandon(self, request: _Request) -> None:
+        request.cancel.set()
+        self._withdraw(request)
+
+    def _withdraw(self, request: _Request) -> None:
+        """Take a request out of the queue if it is still there, and end it as cancelled."""
+        with self._lock:
+            try:
+                self._pending.remove(request)
+            except ValueError:
+                return  # already running (the worker sees the flag within a step) or finished
+        self._finish(request, "cancelled")
+
+    def _purge_cancelled(self) -> list[_Request]:
+        """Drop cancelled requests from the queue (caller holds _lock; caller finishes them)."""
+        if not any(r.cancel.is_set() for r in self._pending):
+            return []
+        gone = [r for r in self._pending if r.cancel.is_set()]
+        self._pending = collections.deque(r for r in self._pending if not r.cancel.is_set())
+        return gone
+
+    def _take(self, room: int, *, wait: bool) -> list[_Request]:
+        """Up to ``room`` queued requests; waits up to 0.1 s for one only when ``wait``."""
+        with self._lock:
+            if wait and not self._pending:
+                self._wakeup.wait(timeout=0.1)
+            gone = self._purge_cancelled()
+            new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        for request in gone:
+            self._finish(request, "cancelled")
+        return new
 
     # -- worker side -----------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
@@ -249,69 +376,170 @@ class Engine:
         mask = None   # [B, T] 1 for real tokens, 0 for left padding
         with torch.inference_mode():
             while not self._closed.is_set():
-                # Admit new requests: block only when idle, so running chats keep decoding.
-                new: list[_Request] = []
                 try:
-                    if not active:
-                        new.append(self._pending.get(timeout=0.1))
-                    while len(active) + len(new) < self.max_batch_size:
-                        new.append(self._pending.get_nowait())
-                except queue.Empty:
-                    pass
-                for request in new:
-                    if request.cancel.is_set():
-                        self._finish(request, "cancelled")
-                        continue
-                    try:
-                        with self._model_lock:
-                            row_cache, first = self._prefill(request)
-                    except Exception as exc:  # one bad prompt must not take down the batch
-                        log.exception("prefill failed")
-                        self._finish(request, "error", error=f"generation failed: {type(exc).__name__}")
-                        continue
-                    if self._accept(request, first):
-                        cache, mask = _merge(cache, mask, row_cache, len(request.prompt_ids))
-                        active.append(request)
-                if not active:
-                    cache = mask = None
-                    continue
-                # Drop finished or cancelled rows before spending a forward pass on them.
-                keep = [i for i, r in enumerate(active) if not self._should_stop(r)]
-                if len(keep) < len(active):
-                    active = [active[i] for i in keep]
-                    if not active:
-                        cache = mask = None
-                        continue
-                    cache, mask = _select(cache, mask, keep)
-                try:
-                    with self._model_lock:
-                        next_ids = self._decode_step(active, cache, mask)
-                except Exception as exc:
-                    log.exception("decode step failed")
-                    for request in active:
-                        self._finish(request, "error", error=f"generation failed: {type(exc).__name__}")
+                    active, cache, mask = self._step(active, cache, mask)
+                except Exception as exc:  # a bug outside the guarded parts: fail the batch, keep serving
+                    self._failed("worker", exc, active)
                     active, cache, mask = [], None, None
-                    continue
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                still = []
-                for i, (request, token) in enumerate(zip(active, next_ids)):
-                    if self._accept(request, token):
-                        still.append(i)
-                if len(still) < len(active):
-                    active = [active[i] for i in still]
-                    cache, mask = (_select(cache, mask, still) if active else (None, None))
+                self._active_rows = len(active)
+                self._heartbeat = time.monotonic()
         for request in active:
             self._finish(request, "cancelled", error="the engine was shut down")
 
-    def _adapter_kwargs(self, names: list[str]) -> dict[str, Any]:
-        if not self.adapters:
+    def _step(self, active: list[_Request], cache, mask):
+        """One round of the worker: admit and prefill new requests, then one decoding step.
+
+        Every failure fails only the rows it touched: a new request whose prefill or merge into
+        the batch fails is answered with an error alone (the batch is left as it was); a failed
+        decoding step or batch reshuffle fails the running rows (their shared cache can no longer
+        be trusted). Returns the new (active, cache, mask).
+        """
+        self._free_retired()
+        # Admit new requests: block only when idle, so running chats keep decoding.
+        for request in self._take(self.max_batch_size - len(active), wait=not active):
+            if request.cancel.is_set():
+                self._finish(request, "cancelled")
+                continue
+            try:
+                with self._model_lock:
+                    row_cache, first = self._prefill(request)
+            except Exception as exc:  # one bad prompt must not take down the batch
+                self._failed("prefill", exc, [request])
+                continue
+            try:
+                if not self._accept(request, first):
+                    continue  # finished after one token
+            except Exception as exc:
+                self._failed("detokenize", exc, [request])
+                continue
+            try:
+                cache, mask = _merge(cache, mask, row_cache, len(request.prompt_ids))
+            except Exception as exc:  # e.g. out of memory while growing the batch: this row only
+                self._failed("merge", exc, [request])
+                continue
+            active.append(request)
+        if not active:
+            return [], None, None
+        # Drop finished or cancelled rows before spending a forward pass on them.
+        keep = [i for i, r in enumerate(active) if not self._should_stop(r)]
+        if len(keep) < len(active):
+            if not keep:
+                return [], None, None
+            try:
+                cache, mask = _select(cache, mask, keep)
+            except Exception as exc:
+                self._failed("select", exc, active)
+                return [], None, None
+            active = [active[i] for i in keep]
+        try:
+            with self._model_lock:
+                next_ids = self._decode_step(active, cache, mask)
+            mask = _extend_mask(mask)
+        except Exception as exc:
+            self._failed("decode", exc, active)
+            return [], None, None
+        still = []
+        for i, (request, token) in enumerate(zip(active, next_ids)):
+            try:
+                if self._accept(request, token):
+                    still.append(i)
+            except Exception as exc:  # detokenizing one reply failed: that reply only
+                self._failed("detokenize", exc, [request])
+        if len(still) < len(active):
+            if not still:
+                return [], None, None
+            try:
+                cache, mask = _select(cache, mask, still)
+            except Exception as exc:
+                self._failed("select", exc, active)
+                return [], None, None
+            active = [active[i] for i in still]
+        return active, cache, mask
+
+    def _failed(self, where: str, exc: Exception, requests: list[_Request]) -> None:
+        """Log a worker failure, remember it for health(), and end the affected requests."""
+        log.error("engine: %s failed for %d request(s)", where, len(requests), exc_info=exc)
+        with self._lock:
+            self._errors += 1
+            self._last_error = {"where": where, "type": type(exc).__name__, "at": time.time(),
+                                "requests": len(requests)}
+        for request in requests:
+            self._finish(request, "error", error=f"generation failed: {type(exc).__name__}")
+
+    # -- adapter versions --------------------------------------------------------------------------
+    def _install(self, internal: str, folder: str) -> None:
+        """Load adapter weights under an internal name (caller holds the model lock)."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=internal)
+        else:
+            self.model.load_adapter(folder, adapter_name=internal)
+        self.model.eval()
+        self._installed.add(internal)
+
+    def _discard(self, internal: str) -> None:
+        """Remove an adapter version from the model, also one that failed half way through
+        loading (caller holds the model lock)."""
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._installed.discard(internal)
+        try:
+            if isinstance(self.model, PeftModel) and internal in self.model.peft_config:
+                self.model.delete_adapter(internal)
+            for module in self.model.modules():  # layers a failed first load injected
+                if isinstance(module, BaseTunerLayer) and internal in getattr(module, "lora_A", {}):
+                    module.delete_adapter(internal)
+            stale = getattr(self.model, "peft_config", None)  # a failed first load leaves one on the base
+            if not isinstance(self.model, PeftModel) and isinstance(stale, dict):
+                stale.pop(internal, None)
+                if not stale:
+                    del self.model.peft_config
+            if isinstance(self.model, PeftModel) and not self.model.peft_config:
+                # peft cannot run a model without adapters (its active adapter is gone): unwrap
+                # back to the plain base model; the next load wraps it again.
+                self.model = self.model.unload()
+        except Exception:
+            log.exception("could not free adapter version %s", internal)
+
+    def _retire(self, internal: str) -> str | None:
+        """``internal`` is no longer public; returns it when nothing uses it (caller holds _lock)."""
+        if self._users.get(internal, 0) == 0:
+            self._users.pop(internal, None)
+            return internal
+        self._retired.add(internal)
+        return None
+
+    def _release(self, request: _Request) -> None:
+        name, request.peft_name = request.peft_name, None
+        if not name:
+            return
+        with self._lock:
+            self._users[name] -= 1
+            if self._users[name] == 0 and name in self._retired:
+                self._retired.discard(name)
+                del self._users[name]
+                self._doomed.append(name)
+
+    def _free_retired(self) -> None:
+        """Delete adapter versions whose last row has finished (between steps, in the worker)."""
+        if not self._doomed:
+            return
+        with self._lock:
+            doomed, self._doomed = self._doomed, []
+        with self._model_lock:
+            for internal in doomed:
+                self._discard(internal)
+
+    def _adapter_kwargs(self, requests: list[_Request]) -> dict[str, Any]:
+        if not self._installed:
             return {}
-        return {"adapter_names": [_PEFT_BASE if n == BASE else n for n in names]}
+        return {"adapter_names": [r.peft_name or _PEFT_BASE for r in requests]}
 
     def _prefill(self, request: _Request):
         ids = torch.tensor([request.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                         **self._adapter_kwargs([request.adapter]))
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self._adapter_kwargs([request]))
         request.position = len(request.prompt_ids)
         token = self._sample(out.logits[:, -1, :].float(), [request])[0]
         return out.cache, token
@@ -323,7 +551,7 @@ class Engine:
         # it saves building a 4-D mask every step.
         attention = None if bool(mask.all()) else torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         out = self.model(input_ids=last, attention_mask=attention, position_ids=positions,
-                         cache=cache, use_cache=True, **self._adapter_kwargs([r.adapter for r in active]))
+                         cache=cache, use_cache=True, **self._adapter_kwargs(active))
         for r in active:
             r.position += 1
         return self._sample(out.logits[:, -1, :].float(), active)
@@ -418,42 +646,68 @@ class Engine:
         return stop_at >= 0
 
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+        """End a request with its one Done event (idempotent) and release its adapter version."""
+        if request.finished:
+            return
+        request.finished = True
+        self._release(request)
         now = time.perf_counter()
         usage = Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.generated),
                       time_to_first_token_s=(request.first_token_at - request.submitted) if request.first_token_at else None,
                       total_time_s=now - request.submitted)
-        request.out.put(Done(finish_reason=reason, usage=usage, error=error))  # type: ignore[arg-type]
+        request.out.put(Done(finish_reason=reason, usage=usage, error=error,  # type: ignore[arg-type]
+                             status=500 if reason == "error" else 200))
 
 
 def _merge(cache, mask, row_cache, row_len: int):
-    """Add a prefilled row to the running batch, left-padding whichever side is shorter."""
+    """Add a prefilled row to the running batch, left-padding whichever side is shorter.
+
+    All new tensors are built before any is stored, so a failure (out of memory) leaves the
+    running batch exactly as it was.
+    """
     row_mask = torch.ones((1, row_len), dtype=torch.long, device=row_cache.layers[0].keys.device)
     if cache is None:
         return row_cache, row_mask
     total = mask.shape[1]
     pad_batch, pad_row = max(0, row_len - total), max(0, total - row_len)
+    merged = []
     for layer, new in zip(cache.layers, row_cache.layers):
+        pair = []
         for attr in ("keys", "values"):
             old_t, new_t = getattr(layer, attr), getattr(new, attr)
             if pad_batch:
                 old_t = torch.nn.functional.pad(old_t, (0, 0, pad_batch, 0))
             if pad_row:
                 new_t = torch.nn.functional.pad(new_t, (0, 0, pad_row, 0))
-            setattr(layer, attr, torch.cat([old_t, new_t], dim=0))
+            pair.append(torch.cat([old_t, new_t], dim=0))
+        merged.append(pair)
     if pad_batch:
         mask = torch.nn.functional.pad(mask, (pad_batch, 0))
     if pad_row:
         row_mask = torch.nn.functional.pad(row_mask, (pad_row, 0))
-    return cache, torch.cat([mask, row_mask], dim=0)
+    mask = torch.cat([mask, row_mask], dim=0)
+    for layer, (keys, values) in zip(cache.layers, merged):
+        layer.keys, layer.values = keys, values
+    return cache, mask
 
 
 def _select(cache, mask, keep: list[int]):
-    """Keep only the rows in ``keep``; drop left columns that are padding in every kept row."""
+    """Keep only the rows in ``keep``; drop left columns that are padding in every kept row.
+
+    Like ``_merge``, nothing is stored until every new tensor exists.
+    """
     index = torch.tensor(keep)
     mask = mask.index_select(0, index)
     lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # padding columns shared by all rows
     mask = mask[:, lead:]
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, lead:, :]
-        layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, lead:, :]
+    kept = [(layer.keys.index_select(0, index.to(layer.keys.device))[:, :, lead:, :],
+             layer.values.index_select(0, index.to(layer.values.device))[:, :, lead:, :])
+            for layer in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, kept):
+        layer.keys, layer.values = keys, values
     return cache, mask
+
+
+def _extend_mask(mask):
+    """The attention mask after a decoding step: one more real token per row. [B, T] -> [B, T+1]"""
+    return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
