@@ -99,6 +99,7 @@ class Assistant:
         reply_parts: list[str] = []
         outcome = ToolOutcomeView(messages=messages)
         done = Done(finish_reason="error", error="the turn did not finish")
+        turn_id = self._begin(messages, options)  # the message is on disk before any work starts
         try:
             if self.tools is not None:
                 runner = self.tools.run(messages, options, cancel)
@@ -129,28 +130,38 @@ class Assistant:
         except GeneratorExit:
             cancel.set()
             done = Done(finish_reason="cancelled")
-            self._store(messages, options, "".join(reply_parts), done, outcome)
+            self._store(turn_id, messages, options, "".join(reply_parts), done, outcome)
             raise
         except Exception as exc:  # never a stack trace to the user; details go to the log
             log.exception("chat turn failed")
             done = Done(finish_reason="error", error=f"something went wrong ({type(exc).__name__}); see the server log",
                         status=500)
-        turn_id = self._store(messages, options, "".join(reply_parts), done, outcome)
+        turn_id = self._store(turn_id, messages, options, "".join(reply_parts), done, outcome)
         yield Done(finish_reason=done.finish_reason, usage=done.usage, error=done.error, turn_id=turn_id,
                    sources=tuple(outcome.sources), status=done.status if done.error else 200)
 
-    def _store(self, messages: list[Message], options: TurnOptions, reply: str, done: Done,
-               outcome: ToolOutcomeView) -> str | None:
+    def _begin(self, messages: list[Message], options: TurnOptions) -> str | None:
         if self.store is None or options.conversation_id is None:
             return None
         new = [m for m in messages[-options.new_messages:] if m["role"] in ("user", "system", "tool")]
         params = {k: getattr(options.params, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens",
                                                           "repetition_penalty", "seed")}
         try:
-            return self.store.add_turn(options.conversation_id, messages=new, reply=reply,
-                                       model=self.engine.model_name, adapter=options.adapter, params=params,
-                                       tool_calls=outcome.tool_calls, finish_reason=done.finish_reason,
-                                       usage={**done.usage.to_dict(), "error": done.error})
+            return self.store.begin_turn(options.conversation_id, messages=new, model=self.engine.model_name,
+                                         adapter=options.adapter, params=params)
+        except Exception:
+            log.exception("could not store the turn")
+            return None
+
+    def _store(self, turn_id: str | None, messages: list[Message], options: TurnOptions, reply: str, done: Done,
+               outcome: ToolOutcomeView) -> str | None:
+        if turn_id is None:
+            return None
+        try:
+            self.store.finish_turn(turn_id, reply=reply, tool_calls=outcome.tool_calls,
+                                   finish_reason=done.finish_reason,
+                                   usage={**done.usage.to_dict(), "error": done.error})
+            return turn_id
         except Exception:
             log.exception("could not store the turn")
             return None

@@ -14,6 +14,8 @@ NotFoundError as for a conversation that does not exist: no data, and no hint th
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -24,6 +26,20 @@ from typing import Any, Iterator
 
 from bot.errors import NotFoundError, RequestError
 from bot.owners import LOCAL
+
+_HOST = socket.gethostname()
+_WRITER = f"{_HOST}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
 
 MAX_CORRECTION_CHARS = 8000
 """Longest better reply a person may write (a correction is training data, not a document)."""
@@ -115,6 +131,7 @@ class Store:
             if "owner" not in columns:
                 conn.execute("ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT 'local'")
             conn.execute("CREATE INDEX IF NOT EXISTS conversations_owner ON conversations(owner, updated_at)")
+        self._mark_interrupted()
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -227,6 +244,39 @@ class Store:
                 raise
         return turn_id
 
+    # -- a turn in two steps: begun when the message arrives, finished with the reply ----------
+    def begin_turn(self, conversation_id: str, *, messages: list[dict[str, Any]], model: str, adapter: str = "base",
+                   params: dict[str, Any] | None = None) -> str:
+        """Store the person's message now, as a turn with finish reason ``running``.
+
+        Why two steps: a process killed while it generates (kill -9, out of memory, power cut)
+        must not lose the message the person sent. ``finish_turn`` fills in the reply; a turn
+        still ``running`` when its process is gone is marked ``interrupted`` when the store is
+        next opened (``_mark_interrupted``).
+        """
+        return self.add_turn(conversation_id, messages=messages, reply="", model=model, adapter=adapter,
+                             params=params, finish_reason="running", usage={"writer": _WRITER})
+
+    def finish_turn(self, turn_id: str, *, reply: str, finish_reason: str, tool_calls: list[dict[str, Any]] | None = None,
+                    usage: dict[str, Any] | None = None) -> None:
+        self._write("UPDATE turns SET reply = ?, finish_reason = ?, tool_calls = ?, usage = ? WHERE id = ?",
+                    (reply, finish_reason, json.dumps(tool_calls or [], default=str), json.dumps(usage or {}),
+                     turn_id))
+
+    def _mark_interrupted(self) -> None:
+        """Turns left ``running`` by a process of this host that is gone become ``interrupted``.
+
+        Only this host's dead writers: another live process on the same PARLEY_HOME (or another
+        host sharing the file) may still be generating its turns.
+        """
+        rows = self._conn().execute("SELECT id, usage FROM turns WHERE finish_reason = 'running'").fetchall()
+        for row in rows:
+            writer = json.loads(row["usage"] or "{}").get("writer", "")
+            host, _, pid = writer.rpartition(":")
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                self._write("UPDATE turns SET finish_reason = 'interrupted' WHERE id = ? AND finish_reason = 'running'",
+                            (row["id"],))
+
     def set_turn_external_id(self, turn_id: str, external_id: str) -> None:
         self._write("UPDATE turns SET external_id = ? WHERE id = ?", (external_id, turn_id))
 
@@ -251,6 +301,8 @@ class Store:
         """The conversation as chat messages (inputs and replies in order), for the next turn."""
         out: list[dict[str, Any]] = []
         for turn in self.turns(conversation_id, owner):
+            if turn.finish_reason == "running":  # another request of this conversation, still generating
+                continue
             out.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
             out.append({"role": "assistant", "content": turn.reply})
         return out

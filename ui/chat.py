@@ -82,6 +82,10 @@ def render_history(runtime: Runtime, conversation_id: str | None, owner: str) ->
         reply = _reply_markdown(turn.reply, sources)
         if turn.finish_reason == "cancelled":
             reply += " *(stopped)*"
+        elif turn.finish_reason == "running":
+            reply += " *(still answering…)*"
+        elif turn.finish_reason == "interrupted":
+            reply += " *(interrupted: the server stopped while answering; retry it)*"
         elif turn.finish_reason == "error":
             reply += f" *(error: {turn.usage.get('error') or 'generation failed'})*"
         messages.append({"role": "assistant", "content": reply})

@@ -48,7 +48,7 @@ def wait_for_turns(runtime, n, timeout=30):
         convs = runtime.store.list_conversations(50, source="web")
         for c in convs:
             turns = runtime.store.turns(c["id"])
-            if len(turns) >= n:
+            if len(turns) >= n and all(t.finish_reason != "running" for t in turns):
                 return c["id"], turns
         time.sleep(0.2)
     raise AssertionError(f"no conversation reached {n} stored turns")
