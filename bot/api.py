@@ -102,6 +102,8 @@ def parse_chat_request(body: Any, runtime: Runtime) -> ChatRequest:
     if not isinstance(model, str):
         raise RequestError("model must be a string: 'base', an adapter name, or the model name")
     # `model` names an adapter (how OpenAI clients pick one) unless it names the base model.
+    if body.get("adapter") is not None and not isinstance(body["adapter"], str):
+        raise RequestError("adapter must be a string: an adapter name from GET /v1/models, or 'base'")
     adapter = body.get("adapter") or (BASE if model in (BASE, runtime.engine.model_name) else model)
     if not isinstance(adapter, str):
         raise RequestError("adapter must be a string: an adapter name from GET /v1/models, or 'base'")
@@ -330,8 +332,13 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": runtime.engine.model_name, "adapters": sorted(runtime.engine.adapters),
-                "uptime_s": round(time.time() - started_at, 1)}
+        """The engine's real state: 503 when its worker is gone (a load balancer then stops sending)."""
+        engine = runtime.engine.health()
+        body = {"status": "ok" if engine["ok"] else "unavailable", "model": runtime.engine.model_name,
+                "adapters": engine["adapters"], "uptime_s": round(time.time() - started_at, 1),
+                "engine": {k: engine[k] for k in ("worker_alive", "queue_depth", "queue_size", "active_rows",
+                                                  "max_batch_size", "errors", "last_error", "last_step_age_s")}}
+        return body if engine["ok"] else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models():
