@@ -202,8 +202,11 @@ def _card(source: dict[str, Any], key: str, reply: str, cited: bool) -> str:
             f"<blockquote>{_passage_html(text, spans)}</blockquote></div>")
 
 
-def render_sources(reply: str, sources: Sequence[dict[str, Any]]) -> str:
-    """Source cards for a reply (see the module docstring); "" when there are no sources."""
+def render_sources(reply: str, sources: Sequence[dict[str, Any]], *, heading: str | None = None) -> str:
+    """Source cards for a reply (see the module docstring); "" when there are no sources.
+
+    heading: the line above the cards when the reply cites nothing (e.g. for search results
+    shown without a reply); plain text, HTML-escaped here."""
     usable = [s for s in sources if str(s.get("n", "")).isdigit()]
     if not usable:
         return ""
@@ -218,8 +221,9 @@ def render_sources(reply: str, sources: Sequence[dict[str, Any]]) -> str:
         if rest:
             parts.append(f"<p><strong>Also given to the model, not cited ({len(rest)})</strong></p>")
     else:
-        parts.append(f"<p><strong>The reply cites no source. The model was given these passages "
-                     f"({len(rest)}):</strong></p>")
+        label = heading if heading is not None else (f"The reply cites no source. The model was given these "
+                                                     f"passages ({len(rest)}):")
+        parts.append(f"<p><strong>{html.escape(label)}</strong></p>")
     parts += [_card(s, key, reply, False) for s in rest]
     parts.append("</div>")
     return "\n".join(parts)
