@@ -7,6 +7,7 @@ load or unload adapters, delete other people's data):
 * ``user:NAME``: a person who logged in (``--auth NAME:PASSWORD``) or sent the API key of NAME
   (``--api-keys NAME:KEY``). The same NAME in the browser and over the API is the same person.
 * ``browser:ID``: a browser without login; ID is random, kept in the browser (``gr.BrowserState``).
+* ``hf:NAME``: a visitor of a Hugging Face Space who signed in with Hugging Face (OAuth).
 * ``local``: the terminal and API clients of a server without keys.
 
 Admins: the users listed in ``admins``, else the first ``--auth`` user and the owner of
@@ -86,7 +87,7 @@ class Access:
     """The server's access rules, built once from Settings (api_key, api_keys, auth, admins, host)."""
 
     def __init__(self, *, host: str = "127.0.0.1", api_key: str = "", api_keys: str = "", auth: str = "",
-                 admins: str = "", insecure_public: bool = False):
+                 admins: str = "", insecure_public: bool = False, oauth: bool = False):
         self.users = dict(_pairs(auth, "password", "--auth"))
         keys = _pairs(api_keys, "key", "--api-keys")
         first_user = next(iter(self.users), None)
@@ -97,6 +98,8 @@ class Access:
         self.admins = set(named_admins) or {n for n in (first_user, keys[0][0] if keys else None) if n}
         self.loopback = host in LOOPBACK
         self.insecure_public = insecure_public
+        self.oauth = oauth
+        """Hugging Face OAuth (a Space with ``hf_oauth: true``): signed-in visitors are ``hf:NAME``."""
 
     @classmethod
     def from_settings(cls, settings) -> "Access":
@@ -149,12 +152,15 @@ class Access:
             ok |= hmac.compare_digest(given, secret)
         return ok and bool(candidates)
 
-    def web_identity(self, username: str | None, browser_id: str | None) -> Identity:
-        """The identity of a browser session: the logged-in user, else the browser's own random id."""
+    def web_identity(self, username: str | None, browser_id: str | None, *, hf_user: str | None = None) -> Identity:
+        """The identity of a browser session: the logged-in user, else the Hugging Face user who
+        signed in (OAuth on a Space), else the browser's own random id."""
         if self.login_required:
             if not username or username not in self._names():
                 raise UnauthorizedError("log in first")
             return Identity(f"user:{username}", admin=username in self.admins)
+        if self.oauth and hf_user and _NAME.match(hf_user):
+            return Identity(f"hf:{hf_user}", admin=hf_user in self.admins)
         if not browser_id or not _BROWSER_ID.match(browser_id):
             raise UnauthorizedError("this browser has no id yet: reload the page")
         return Identity(f"browser:{browser_id}", admin=self.loopback)

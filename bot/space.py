@@ -25,13 +25,18 @@ sdk_version: {gradio_version}
 app_file: ui/space.py
 python_version: "3.11"
 pinned: false
+hf_oauth: true
 ---
 
 # {title}
 
 Parley, a chat assistant you can train. Settings come from the Space's variables and secrets:
 `PARLEY_MODEL` (default HuggingFaceTB/SmolLM2-135M-Instruct), `PARLEY_SYSTEM_PROMPT`, `PARLEY_AUTH`
-(user:password), `PARLEY_HOME` (where conversations, indexes and adapters live).
+(user:password), `PARLEY_HOME` (where conversations, indexes and adapters live), `PARLEY_ADMINS`
+(Hugging Face user names who may train and manage adapters).
+
+Visitors sign in with Hugging Face (the "Sign in" button); their chats and documents are their own.
+Visitors who do not sign in still chat, with data kept per browser, and no admin actions.
 """
 
 

@@ -28,6 +28,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
     access = runtime.access
     with gr.Blocks(title="Parley", fill_height=True) as demo:
         session = make_session(access)
+        if access.oauth:  # a Space with Hugging Face sign-in: visitors' data becomes theirs
+            gr.LoginButton()
         with gr.Tabs(elem_id="parley-tabs"):
             with gr.Tab("Chat", id="chat", elem_id="parley-tab-chat"):
                 chat = build_chat_tab(runtime, session)

@@ -10,11 +10,27 @@ another owner: the id is only ever combined with the login (when there is one) o
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 
 import gradio as gr
 
 from bot.owners import Access, Identity, UnauthorizedError
+
+
+def hf_username(request: gr.Request | None) -> str | None:
+    """The Hugging Face user signed in through gr.LoginButton (OAuth on a Space), if any.
+
+    Read from the session on the server, where Gradio's OAuth stored it; never from the browser.
+    """
+    raw = getattr(request, "request", None)
+    try:
+        info = raw.session.get("oauth_info") if raw is not None else None
+    except (AssertionError, AttributeError):  # no SessionMiddleware: OAuth is not set up
+        return None
+    if not info or (info.get("expires_at") or float("inf")) < time.time():
+        return None
+    return (info.get("userinfo") or {}).get("preferred_username")
 
 
 def new_browser_id() -> str:
@@ -31,7 +47,7 @@ class Session:
         """The identity of an event; gr.Error when it has none (the page shows the reason)."""
         username = getattr(request, "username", None) if request is not None else None
         try:
-            return self.access.web_identity(username, browser_id)
+            return self.access.web_identity(username, browser_id, hf_user=hf_username(request))
         except UnauthorizedError as exc:
             raise gr.Error(str(exc)) from None
 

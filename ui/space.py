@@ -29,6 +29,8 @@ def create():
     flags.update(host="0.0.0.0", insecure_public=True)
     settings = load_settings(flags)
     runtime = build_runtime(settings, progress=False)
+    # hf_oauth: true in the Space's README makes Hugging Face set OAUTH_CLIENT_ID: sign-in is on.
+    runtime.access.oauth = bool(os.environ.get("OAUTH_CLIENT_ID"))
     return runtime, build_ui(runtime)
 
 

@@ -170,3 +170,29 @@ def test_access_rules():
     with pytest.raises(ConfigError, match="public address"):
         Access(host="0.0.0.0").check_startup()
     Access(host="0.0.0.0", auth="a:b").check_startup()
+
+
+def test_hugging_face_sign_in_on_a_space_owns_the_data():
+    import time
+
+    from starlette.requests import Request
+
+    from ui.session import hf_username
+
+    signed_in = Request({"type": "http", "session": {"oauth_info": {
+        "userinfo": {"preferred_username": "carol"}, "expires_at": time.time() + 60}}})
+    expired = Request({"type": "http", "session": {"oauth_info": {
+        "userinfo": {"preferred_username": "carol"}, "expires_at": time.time() - 1}}})
+    no_sessions = Request({"type": "http"})
+
+    class GradioRequest:  # the shape of gr.Request: the Starlette request is at .request
+        def __init__(self, request):
+            self.request, self.username = request, None
+
+    assert hf_username(GradioRequest(signed_in)) == "carol"
+    assert hf_username(GradioRequest(expired)) is None and hf_username(GradioRequest(no_sessions)) is None
+    space = Access(host="0.0.0.0", insecure_public=True, oauth=True, admins="carol")
+    assert space.web_identity(None, "C" * 24, hf_user="carol") == Identity("hf:carol", admin=True)
+    assert space.web_identity(None, "C" * 24, hf_user="dave") == Identity("hf:dave", admin=False)
+    # Not signed in: the browser's own data, and no admin on a public Space.
+    assert space.web_identity(None, "C" * 24, hf_user=None) == Identity("browser:" + "C" * 24, admin=False)
