@@ -185,9 +185,10 @@ def test_hugging_face_sign_in_on_a_space_owns_the_data():
         "userinfo": {"preferred_username": "carol"}, "expires_at": time.time() - 1}}})
     no_sessions = Request({"type": "http"})
 
-    class GradioRequest:  # the shape of gr.Request: the Starlette request is at .request
-        def __init__(self, request):
-            self.request, self.username = request, None
+    import gradio as gr
+
+    def GradioRequest(request):  # what Gradio hands a handler
+        return gr.Request(request=request)
 
     assert hf_username(GradioRequest(signed_in)) == "carol"
     assert hf_username(GradioRequest(expired)) is None and hf_username(GradioRequest(no_sessions)) is None
