@@ -162,8 +162,39 @@ def _has_bad_utf8(value: Any) -> bool:
     return False
 
 
-def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+class _Bounded(io.RawIOBase):
+    """A read-only stream that raises DataError once more than ``limit`` bytes came out of it.
+
+    Wraps a gzip stream, so a small file that inflates to gigabytes (a gzip bomb) is stopped
+    while it is read, holding at most one buffer beyond the limit, instead of being inflated
+    whole first.
+    """
+
+    def __init__(self, raw, limit: int, path: Path):
+        self.raw, self.limit, self.path, self.count = raw, limit, path, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.count += n or 0
+        if self.count > self.limit:
+            raise DataError(f"{self.path} inflates to more than {self.limit / 1e9:.3g} GB, above the limit "
+                            f"(max_file_bytes): it is not a training set but a gzip bomb, or it needs "
+                            f"splitting (or a higher limit, if you mean it)")
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_bytes(path: Path, limit: int = DEFAULT_MAX_FILE_BYTES):
+    """A binary file; a ``.gz`` file is inflated as it is read, and at most ``limit`` bytes of it."""
+    if path.suffix == ".gz":
+        return io.BufferedReader(_Bounded(gzip.open(path, "rb"), limit, path), buffer_size=1 << 16)
+    return open(path, "rb")
 
 
 def read_records(path: str | Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -185,9 +216,9 @@ def read_records(path: str | Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYT
                         f"(max_file_bytes): split it, or raise the limit if you mean it")
     name = path.name.removesuffix(".gz")
     if name.endswith((".tsv", ".csv")):
-        yield from _read_table(path, "\t" if name.endswith(".tsv") else ",", max_rows)
+        yield from _read_table(path, "\t" if name.endswith(".tsv") else ",", max_rows, max_file_bytes)
         return
-    with _open_bytes(path) as fh:
+    with _open_bytes(path, max_file_bytes) as fh:
         head = fh.read(4096).lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
@@ -195,18 +226,19 @@ def read_records(path: str | Path, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYT
         if size > DEFAULT_MAX_JSON_ARRAY_BYTES:
             raise DataError(f"{path} is a {size / 1e9:.1f} GB JSON array, which must be read whole: "
                             f"convert it to JSONL (one object a line) to stream it")
-        yield from _read_json_array(path, max_rows)
+        yield from _read_json_array(path, max_rows, min(max_file_bytes, DEFAULT_MAX_JSON_ARRAY_BYTES))
     else:
-        yield from _read_jsonl(path, max_rows)
+        yield from _read_jsonl(path, max_rows, max_file_bytes)
 
 
 def _too_many(path: Path, max_rows: int) -> DataError:
     return DataError(f"{path} has more than {max_rows} rows (max_rows); take a sample or raise the limit")
 
 
-def _read_jsonl(path: Path, max_rows: int) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+def _read_jsonl(path: Path, max_rows: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+                ) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     n = 0
-    with _open_bytes(path) as fh:
+    with _open_bytes(path, max_bytes) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -230,8 +262,9 @@ def _read_jsonl(path: Path, max_rows: int) -> Iterator[tuple[str, dict[str, Any]
             yield source, row
 
 
-def _read_json_array(path: Path, max_rows: int) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    with _open_bytes(path) as fh:
+def _read_json_array(path: Path, max_rows: int, max_bytes: int = DEFAULT_MAX_JSON_ARRAY_BYTES
+                     ) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    with _open_bytes(path, max_bytes) as fh:
         text = fh.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     try:
         rows = json.loads(text)
@@ -252,8 +285,9 @@ def _read_json_array(path: Path, max_rows: int) -> Iterator[tuple[str, dict[str,
             yield source, row
 
 
-def _read_table(path: Path, delimiter: str, max_rows: int) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    with _open_bytes(path) as fh:
+def _read_table(path: Path, delimiter: str, max_rows: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+                ) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    with _open_bytes(path, max_bytes) as fh:
         text = fh.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     # TSV has no quoting convention (a tweet may start with a quote mark); CSV uses RFC 4180 quotes.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -262,7 +296,21 @@ def _read_table(path: Path, delimiter: str, max_rows: int) -> Iterator[tuple[str
         header = next(reader)
     except StopIteration:
         return
-    for i, cells in enumerate(reader, start=2):
+    except csv.Error as exc:
+        raise DataError(f"{path}: the header line cannot be read ({exc})") from None
+    yield from _table_rows(path, reader, header, max_rows)
+
+
+def _table_rows(path: Path, reader, header: list[str], max_rows: int):
+    rows = enumerate(reader, start=2)
+    while True:
+        try:
+            i, cells = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a cell above the csv module's 131,072-character limit
+            raise DataError(f"{path.name}:{reader.line_num}: {exc}; fix that line (an unclosed quote "
+                            f"swallows the lines after it)") from None
         if i - 1 > max_rows:
             raise _too_many(path, max_rows)
         source = f"{path.name}:{i}"
@@ -396,11 +444,16 @@ def _from_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"message {i}"
         if not isinstance(m, dict):
             raise RowError(f"{where}: must be an object with role and content")
-        role = OPENAI_ROLE_ALIASES.get(m.get("role"), m.get("role"))
+        raw_role = m.get("role")
+        if not isinstance(raw_role, str):
+            raise RowError(f"{where}: role must be a string such as \"user\", not {type(raw_role).__name__}")
+        role = OPENAI_ROLE_ALIASES.get(raw_role, raw_role)
         if role not in ROLES:
             raise RowError(f"{where}: unknown role {m.get('role')!r} (use one of {', '.join(ROLES)})")
         msg: dict[str, Any] = {"role": role, "content": _text(m.get("content"), where)}
         if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise RowError(f"{where}: tool_calls must be a list of tool calls")
             msg["tool_calls"] = [_tool_call(c, where) for c in m["tool_calls"]]
         if role == "assistant" and m.get("function_call"):
             msg["tool_calls"] = [_tool_call(m["function_call"], where)]
@@ -451,7 +504,10 @@ def _from_alpaca(row: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append({"role": "system", "content": row["system"]})
-    for pair in row.get("history") or []:  # LLaMA-Factory: [[question, answer], ...]
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise RowError(f"history: expected [[question, answer], ...], not {type(history).__name__}")
+    for pair in history:  # LLaMA-Factory: [[question, answer], ...]
         if not (isinstance(pair, list) and len(pair) == 2):
             raise RowError("history: expected [[question, answer], ...]")
         out += [{"role": "user", "content": _text(pair[0], "history")},
@@ -476,6 +532,15 @@ NORMALIZERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca":
 REQUIRED_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",),
                  "alpaca": ("instruction",), "prompt_completion": ("prompt", "completion"),
                  "text": ("text",)}
+
+
+MALFORMED = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+"""What a row of an unforeseen shape raises inside normalization (``"role": ["user"]`` is
+unhashable, ``"history": 5`` is not iterable...): rejected with the row, never fatal to the load."""
+
+
+def _malformed(exc: Exception) -> str:
+    return f"malformed row ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 def check_messages(messages: list[dict[str, Any]], max_chars: int = DEFAULT_MAX_CHARS) -> None:
@@ -553,6 +618,8 @@ def load_examples(paths: Iterable[str | Path], fmt: str = "auto", *, report: Dat
                 examples.append(normalize(row, file_fmt, source, max_chars))
             except RowError as exc:
                 report.reject(source, str(exc))
+            except MALFORMED as exc:  # a value of a shape no check above foresaw: this row only
+                report.reject(source, _malformed(exc))
         report.formats.setdefault(path.name, file_fmt or "empty")
     return examples, report
 
@@ -577,6 +644,8 @@ def load_feedback(home: Path, *, min_rating: int = 1, report: DataReport | None 
             examples.append(normalize({"messages": row["messages"]}, "messages", source, max_chars))
         except RowError as exc:
             report.reject(source, str(exc))
+        except MALFORMED as exc:
+            report.reject(source, _malformed(exc))
     if report.rows_read == 0:
         raise DataError(f"{db} has no usable feedback yet: rate replies with thumbs up or write a "
                         f"correction in the chat, then train again")
@@ -701,12 +770,16 @@ def _fit(enc: Encoded, max_length: int | None, overlong: str) -> Encoded:
 def encode_all(tokenizer, examples: list[Example], report: DataReport, *, max_length: int,
                overlong: str = "reject") -> list[Encoded]:
     """Tokenize every example; over-long or empty rows become rejects in the same report."""
+    from jinja2 import TemplateError
+
     out = []
     for ex in examples:
         try:
             out.append(encode_chat(tokenizer, ex, max_length, overlong))
         except RowError as exc:
             report.reject(ex.source, str(exc))
+        except (TemplateError, *MALFORMED) as exc:  # e.g. tool-call arguments the template cannot render
+            report.reject(ex.source, _malformed(exc))
     return out
 
 
