@@ -112,7 +112,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in the output folder (lora: only once the new adapter is "
+                        "complete)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
@@ -156,7 +158,8 @@ def run_lora(args: argparse.Namespace) -> int:
     if not result.get("main_process", True):
         return 0
     if result.get("stopped_early"):
-        print(f"stopped after step {result['step']} of {result['total_steps']}; continue with --resume")
+        print(f"stopped after step {result['step']} of {result['total_steps']}; continue with "
+              f"{result.get('resume_with', '--resume')}")
     else:
         print(f"adapter: {result['output']}")
     return 0

@@ -131,9 +131,11 @@ class LoraConfig:
     max_skipped_steps: int = 10
     """With nan_policy=skip: abort after this many skipped steps in a row."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in the output folder."""
+    """Continue from the newest complete checkpoint in the output folder (with overwrite: of the
+    interrupted run that is replacing it)."""
     overwrite: bool = False
-    """Replace an existing output folder instead of refusing."""
+    """Replace the run already in the output folder instead of refusing. The new run trains beside
+    it and takes its place only when its adapter is complete; until then the old one stays."""
     stop_after_steps: int = 0
     """Stop (with a checkpoint) after this step, as if interrupted; the schedule still targets max_steps."""
     progress: bool = True
@@ -299,323 +301,367 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     precision = runs.pick_precision(cfg.precision, device.type)
     from_feedback = cfg.data == ["feedback"]
     output = resolve_output(cfg.output, home, f"feedback-{time.strftime('%Y%m%d-%H%M%S')}" if from_feedback else "")
-    _prepare_output(output, cfg, main)
-    accelerator.wait_for_everyone()
-
-    # ---- data (read and checked before the model loads, so bad data fails fast) ---------------
-    report = D.DataReport()
-    if from_feedback:
-        examples, _ = D.load_feedback(home, min_rating=cfg.min_feedback_rating, report=report)
-    else:
-        examples, _ = D.load_examples(cfg.data, cfg.format, report=report)
-    report.check(cfg.max_reject_share)  # structural rejects, before anything is tokenized
-    if cfg.eval_data:
-        eval_report = D.DataReport()
-        eval_examples, _ = D.load_examples(cfg.eval_data, cfg.format, report=eval_report)
-    loaded = load_model(cfg.model, home, device="cpu", dtype="bfloat16" if precision == "bf16" and
-                        device.type == "cuda" else "float32", progress=main and cfg.progress)
-    tokenizer = loaded.tokenizer
-    train_enc = D.encode_all(tokenizer, examples, report, max_length=cfg.max_length, overlong=cfg.overlong)
-    if cfg.eval_data:
-        eval_enc = D.encode_all(tokenizer, eval_examples, eval_report, max_length=cfg.max_length,
-                                overlong=cfg.overlong)
-        eval_report.check(cfg.max_reject_share)
-        eval_enc = eval_enc[: cfg.max_eval_rows]
-    else:
-        train_enc, eval_enc = D.split_examples(train_enc, cfg.eval_fraction, cfg.data_seed, cfg.max_eval_rows)
-    report.check(cfg.max_reject_share)
-    if main:
-        for line in report.lines():
-            log.info(line)
-    if not train_enc:
-        raise DataError("no training rows left after the evaluation split: add data or lower eval_fraction")
-    stats = {"train": D.dataset_stats(train_enc), "eval": D.dataset_stats(eval_enc)}
-    if main:
-        log.info(D.format_stats("train", stats["train"]))
-        log.info(D.format_stats("eval", stats["eval"]))
-        runs.write_json_atomic(output / "data_report.json", {**report.to_json(), "stats": stats})
-    data_files = _data_facts(cfg, home, examples, report, from_feedback)
-
-    # ---- model --------------------------------------------------------------------------------
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    set_seed(cfg.seed)
-    model = loaded.model
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
-    try:
-        model = get_peft_model(model, PeftLoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-            use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM", bias="none"))
-    except ValueError as exc:
-        raise FinetuneError(f"cannot put LoRA on {cfg.model}: {exc}; check target_modules "
-                            f"(all-linear, or names like q_proj,v_proj)") from None
-    base_ref = base_model_ref(cfg.model, loaded.path if loaded.path.exists() else str(loaded.path))
-    model.peft_config["default"].base_model_name_or_path = base_ref
-    model.to(device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-
-    # ---- schedule ------------------------------------------------------------------------------
-    global_rows = cfg.batch_size * world  # rows per micro-batch over all processes
-    lengths = [len(e.input_ids) for e in train_enc]
-    micro_per_epoch = math.ceil(len(train_enc) / global_rows)
-    total_steps = cfg.max_steps or max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    epoch_batches: dict[int, list[list[int]]] = {}
-
-    def micro_batch(index: int) -> list[D.Encoded]:
-        """The index-th micro-batch of the whole run, this process's share of it."""
-        epoch, pos = divmod(index, micro_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches.clear()
-            epoch_batches[epoch] = D.length_grouped_batches(lengths, global_rows, seed=cfg.seed, epoch=epoch)
-        rows = epoch_batches[epoch][pos]
-        return [train_enc[i] for i in rows[rank::world]]
-
-    # ---- resume ------------------------------------------------------------------------------
-    start_step = 0
-    config_now = runs.config_dict(cfg)
-    if cfg.resume:
-        if main:
-            for p in runs.clean_partial_checkpoints(output):
-                log.info("removed incomplete checkpoint %s (a run was stopped while saving it)", p.name)
+    # One writer per run folder. A run that replaces another (--overwrite) trains in a staging
+    # folder beside it, which takes the old one's place only once the new adapter is complete.
+    with _run_folder(output, cfg, main) as work:
         accelerator.wait_for_everyone()
-        found = runs.list_checkpoints(output)
-        if not found:
-            raise ResumeError(f"--resume: no complete checkpoint in {runs.checkpoints_dir(output)}; "
-                              f"start without --resume")
-        start_step, ckpt = found[-1]
-        saved_state = json.loads((ckpt / runs.STATE_FILE).read_text())
-        runs.check_resumable(saved_state["config"], config_now, SCHEDULE_FIELDS, ckpt)
-        if saved_state.get("data_sha256") != data_files["sha256"]:
-            raise ResumeError(f"cannot resume from {ckpt}: the training data changed since it was written "
-                              f"(sha256 {saved_state.get('data_sha256', '?')[:12]} -> {data_files['sha256'][:12]})")
-        weights, _ = runs.load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler, rank=rank)
-        set_peft_model_state_dict(model, weights)
+        resume_with = "--resume --overwrite" if work != output else "--resume"
+
+        # ---- data (read and checked before the model loads, so bad data fails fast) ---------------
+        report = D.DataReport()
+        if from_feedback:
+            examples, _ = D.load_feedback(home, min_rating=cfg.min_feedback_rating, report=report)
+        else:
+            examples, _ = D.load_examples(cfg.data, cfg.format, report=report)
+        report.check(cfg.max_reject_share)  # structural rejects, before anything is tokenized
+        if cfg.eval_data:
+            eval_report = D.DataReport()
+            eval_examples, _ = D.load_examples(cfg.eval_data, cfg.format, report=eval_report)
+        loaded = load_model(cfg.model, home, device="cpu", dtype="bfloat16" if precision == "bf16" and
+                            device.type == "cuda" else "float32", progress=main and cfg.progress)
+        tokenizer = loaded.tokenizer
+        train_enc = D.encode_all(tokenizer, examples, report, max_length=cfg.max_length, overlong=cfg.overlong)
+        if cfg.eval_data:
+            eval_enc = D.encode_all(tokenizer, eval_examples, eval_report, max_length=cfg.max_length,
+                                    overlong=cfg.overlong)
+            eval_report.check(cfg.max_reject_share)
+            eval_enc = eval_enc[: cfg.max_eval_rows]
+        else:
+            train_enc, eval_enc = D.split_examples(train_enc, cfg.eval_fraction, cfg.data_seed, cfg.max_eval_rows)
+        report.check(cfg.max_reject_share)
         if main:
-            log.info("resuming from %s (step %d of %d)", ckpt.name, start_step, total_steps)
+            for line in report.lines():
+                log.info(line)
+        if not train_enc:
+            raise DataError("no training rows left after the evaluation split: add data or lower eval_fraction")
+        stats = {"train": D.dataset_stats(train_enc), "eval": D.dataset_stats(eval_enc)}
+        if main:
+            log.info(D.format_stats("train", stats["train"]))
+            log.info(D.format_stats("eval", stats["eval"]))
+            runs.write_json_atomic(work / "data_report.json", {**report.to_json(), "stats": stats})
+        data_files = _data_facts(cfg, home, examples, report, from_feedback)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
-    metrics = runs.MetricsLog(output / "metrics.jsonl", resume_step=start_step if cfg.resume else None,
-                              enabled=main)
-    if main:
-        log.info("model %s: %s trainable of %s parameters (%.2f%%); %d steps of %d rows (%d x %d micro-batches "
-                 "x %d processes); %s on %s", cfg.model, f"{n_trainable:,}", f"{n_total:,}",
-                 100 * n_trainable / n_total, total_steps, global_rows * cfg.grad_accum, cfg.batch_size,
-                 cfg.grad_accum, world, precision, device)
+        # ---- model --------------------------------------------------------------------------------
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    head = SelectedPositionsHead(accelerator.unwrap_model(model))
-
-    def evaluate() -> dict[str, float]:
-        """Token-weighted eval loss and perplexity over every eval row (all processes)."""
-        if not eval_enc:
-            return {}
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        order = sorted(range(len(eval_enc)), key=lambda i: -len(eval_enc[i].input_ids))[rank::world]
-        with torch.no_grad():
-            for b in range(0, len(order), cfg.batch_size * 2):
-                batch = D.collate([eval_enc[i] for i in order[b: b + cfg.batch_size * 2]], tokenizer.pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with head:
-                    loss, n = token_loss_sum(model, batch, autocast, head)
-                total += torch.tensor([loss.item(), n], dtype=torch.float64, device=device)
+        set_seed(cfg.seed)
+        model = loaded.model
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
+            [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+        try:
+            model = get_peft_model(model, PeftLoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM", bias="none"))
+        except ValueError as exc:
+            raise FinetuneError(f"cannot put LoRA on {cfg.model}: {exc}; check target_modules "
+                                f"(all-linear, or names like q_proj,v_proj)") from None
+        base_ref = base_model_ref(cfg.model, loaded.path if loaded.path.exists() else str(loaded.path))
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.to(device)
         model.train()
-        total = accelerator.reduce(total, "sum")
-        mean = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-        return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50))}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
+        n_total = sum(p.numel() for p in model.parameters())
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
 
-    def checkpoint(step: int) -> None:
-        state = {"config": config_now, "data_sha256": data_files["sha256"], "total_steps": total_steps,
-                 "world_size": world}
-        weights = get_peft_model_state_dict(accelerator.unwrap_model(model))
-        bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteError(f"refusing to save checkpoint {step}: non-finite values in {bad[:3]}")
-        runs.save_checkpoint(output, step, weights=weights, optimizer=optimizer, scheduler=scheduler,
-                             state=state, accelerator=accelerator, keep=cfg.keep_checkpoints)
+        # ---- schedule ------------------------------------------------------------------------------
+        global_rows = cfg.batch_size * world  # rows per micro-batch over all processes
+        lengths = [len(e.input_ids) for e in train_enc]
+        micro_per_epoch = math.ceil(len(train_enc) / global_rows)
+        total_steps = cfg.max_steps or max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        epoch_batches: dict[int, list[list[int]]] = {}
 
-    # ---- train -------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (main and cfg.progress), unit="step",
-               desc="lora", dynamic_ncols=True)
-    last_eval: dict[str, float] = {}
-    loss_value = float("nan")
-    skipped_in_a_row = skipped_total = 0
-    train_seconds = 0.0
-    tokens_seen = trained_seen = 0
-    step = start_step
-    if cfg.eval_at_start and start_step == 0 and eval_enc:
-        last_eval = evaluate()
-        metrics.write({"step": 0, **last_eval})
+        def micro_batch(index: int) -> list[D.Encoded]:
+            """The index-th micro-batch of the whole run, this process's share of it."""
+            epoch, pos = divmod(index, micro_per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches.clear()
+                epoch_batches[epoch] = D.length_grouped_batches(lengths, global_rows, seed=cfg.seed, epoch=epoch)
+            rows = epoch_batches[epoch][pos]
+            return [train_enc[i] for i in rows[rank::world]]
+
+        # ---- resume ------------------------------------------------------------------------------
+        start_step = 0
+        config_now = runs.config_dict(cfg)
+        if cfg.resume:
+            if main:
+                for p in runs.clean_partial_checkpoints(work):
+                    log.info("removed incomplete checkpoint %s (a run was stopped while saving it)", p.name)
+            accelerator.wait_for_everyone()
+            found = runs.list_checkpoints(work)
+            if not found:
+                raise ResumeError(f"--resume: no complete checkpoint in {runs.checkpoints_dir(work)}; "
+                                  f"start without --resume")
+            start_step, ckpt = found[-1]
+            saved_state = json.loads((ckpt / runs.STATE_FILE).read_text())
+            runs.check_resumable(saved_state["config"], config_now, SCHEDULE_FIELDS, ckpt)
+            if saved_state.get("data_sha256") != data_files["sha256"]:
+                raise ResumeError(f"cannot resume from {ckpt}: the training data changed since it was written "
+                                  f"(sha256 {saved_state.get('data_sha256', '?')[:12]} -> {data_files['sha256'][:12]})")
+            weights, _ = runs.load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler, rank=rank)
+            set_peft_model_state_dict(model, weights)
+            if main:
+                log.info("resuming from %s (step %d of %d)", ckpt.name, start_step, total_steps)
+
+        model, optimizer = accelerator.prepare(model, optimizer)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+            else contextlib.nullcontext
+        metrics = runs.MetricsLog(work / "metrics.jsonl", resume_step=start_step if cfg.resume else None,
+                                  enabled=main)
         if main:
-            log.info("step 0 (untrained): eval loss %.4f, perplexity %.2f", last_eval["eval_loss"], last_eval["eval_ppl"])
-    stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
-    try:
-        head.__enter__()
-        while step < stop_at:
-            step_started = time.time()
-            micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-            # The loss is normalized by the labelled tokens of the whole global step (all micro-batches,
-            # all processes), so accumulation and process count do not change what is learned.
-            local_labelled = sum(sum(1 for l in r.labels[1:] if l != D.IGNORE_INDEX) for m in micro for r in m)
-            n_global = accelerator.reduce(torch.tensor(float(local_labelled), device=device), "sum").item()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            real_tokens = 0
-            longest = 0
-            for j, rows in enumerate(micro):
-                if not rows:
+            log.info("model %s: %s trainable of %s parameters (%.2f%%); %d steps of %d rows (%d x %d micro-batches "
+                     "x %d processes); %s on %s", cfg.model, f"{n_trainable:,}", f"{n_total:,}",
+                     100 * n_trainable / n_total, total_steps, global_rows * cfg.grad_accum, cfg.batch_size,
+                     cfg.grad_accum, world, precision, device)
+
+        head = SelectedPositionsHead(accelerator.unwrap_model(model))
+
+        def evaluate() -> dict[str, float]:
+            """Token-weighted eval loss and perplexity over every eval row (all processes)."""
+            if not eval_enc:
+                return {}
+            model.eval()
+            total = torch.zeros(2, dtype=torch.float64, device=device)
+            order = sorted(range(len(eval_enc)), key=lambda i: -len(eval_enc[i].input_ids))[rank::world]
+            with torch.no_grad():
+                for b in range(0, len(order), cfg.batch_size * 2):
+                    batch = D.collate([eval_enc[i] for i in order[b: b + cfg.batch_size * 2]], tokenizer.pad_token_id)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with head:
+                        loss, n = token_loss_sum(model, batch, autocast, head)
+                    total += torch.tensor([loss.item(), n], dtype=torch.float64, device=device)
+            model.train()
+            total = accelerator.reduce(total, "sum")
+            mean = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+            return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50))}
+
+        def checkpoint(step: int) -> None:
+            state = {"config": config_now, "data_sha256": data_files["sha256"], "total_steps": total_steps,
+                     "world_size": world}
+            weights = get_peft_model_state_dict(accelerator.unwrap_model(model))
+            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise NonFiniteError(f"refusing to save checkpoint {step}: non-finite values in {bad[:3]}")
+            runs.save_checkpoint(work, step, weights=weights, optimizer=optimizer, scheduler=scheduler,
+                                 state=state, accelerator=accelerator, keep=cfg.keep_checkpoints)
+
+        # ---- train -------------------------------------------------------------------------------
+        bar = tqdm(total=total_steps, initial=start_step, disable=not (main and cfg.progress), unit="step",
+                   desc="lora", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        loss_value = float("nan")
+        skipped_in_a_row = skipped_total = 0
+        train_seconds = 0.0
+        tokens_seen = trained_seen = 0
+        step = start_step
+        if cfg.eval_at_start and start_step == 0 and eval_enc:
+            last_eval = evaluate()
+            metrics.write({"step": 0, **last_eval})
+            if main:
+                log.info("step 0 (untrained): eval loss %.4f, perplexity %.2f", last_eval["eval_loss"], last_eval["eval_ppl"])
+        stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
+        try:
+            head.__enter__()
+            while step < stop_at:
+                step_started = time.time()
+                micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+                # The loss is normalized by the labelled tokens of the whole global step (all micro-batches,
+                # all processes), so accumulation and process count do not change what is learned.
+                local_labelled = sum(sum(1 for l in r.labels[1:] if l != D.IGNORE_INDEX) for m in micro for r in m)
+                n_global = accelerator.reduce(torch.tensor(float(local_labelled), device=device), "sum").item()
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                real_tokens = 0
+                longest = 0
+                for j, rows in enumerate(micro):
+                    if not rows:
+                        continue
+                    batch = {k: v.to(device) for k, v in D.collate(rows, tokenizer.pad_token_id).items()}
+                    longest = max(longest, batch["input_ids"].shape[1])
+                    real_tokens += int(batch["attention_mask"].sum())
+                    sync = j == len(micro) - 1
+                    try:
+                        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                            loss, _ = token_loss_sum(model, batch, autocast, head)
+                            # DDP averages gradients over processes, hence the factor `world`.
+                            accelerator.backward(loss * world / max(n_global, 1.0))
+                    except Exception as exc:
+                        if runs.is_oom(exc):
+                            raise runs.oom_error(str(device), step + 1, cfg.batch_size, longest, cfg.max_length) from None
+                        raise
+                    loss_sum += loss.detach().double()
+                loss_value = accelerator.reduce(loss_sum, "sum").item() / max(n_global, 1.0)
+                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                grad_norm = float(grad_norm)
+                step += 1
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    what = f"loss {loss_value} / gradient norm {grad_norm}"
+                    if cfg.nan_policy == "abort":
+                        done = runs.list_checkpoints(work)
+                        raise NonFiniteError(
+                            f"step {step}: {what} is not finite, so the run stopped and saved nothing from this "
+                            f"step. Usual causes: a learning rate too high ({cfg.learning_rate}), fp16 overflow, "
+                            f"or a broken row. Lower --lr, or set nan_policy=skip to skip such steps"
+                            + (f"; the last good checkpoint is {done[-1][1]} ({resume_with})" if done else ""))
+                    skipped_in_a_row += 1
+                    skipped_total += 1
+                    log.warning("step %d: %s is not finite; step skipped (%d in a row)", step, what, skipped_in_a_row)
+                    if skipped_in_a_row > cfg.max_skipped_steps:
+                        raise NonFiniteError(f"{skipped_in_a_row} steps in a row had non-finite loss or gradients; "
+                                             f"stopping. Lower the learning rate or check the data")
+                    scheduler.step()
+                    metrics.write({"step": step, "skipped": True, "loss": None if not math.isfinite(loss_value) else loss_value})
                     continue
-                batch = {k: v.to(device) for k, v in D.collate(rows, tokenizer.pad_token_id).items()}
-                longest = max(longest, batch["input_ids"].shape[1])
-                real_tokens += int(batch["attention_mask"].sum())
-                sync = j == len(micro) - 1
-                try:
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        loss, _ = token_loss_sum(model, batch, autocast, head)
-                        # DDP averages gradients over processes, hence the factor `world`.
-                        accelerator.backward(loss * world / max(n_global, 1.0))
-                except Exception as exc:
-                    if runs.is_oom(exc):
-                        raise runs.oom_error(str(device), step + 1, cfg.batch_size, longest, cfg.max_length) from None
-                    raise
-                loss_sum += loss.detach().double()
-            loss_value = accelerator.reduce(loss_sum, "sum").item() / max(n_global, 1.0)
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            grad_norm = float(grad_norm)
-            step += 1
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                what = f"loss {loss_value} / gradient norm {grad_norm}"
-                if cfg.nan_policy == "abort":
-                    done = runs.list_checkpoints(output)
-                    raise NonFiniteError(
-                        f"step {step}: {what} is not finite, so the run stopped and saved nothing from this "
-                        f"step. Usual causes: a learning rate too high ({cfg.learning_rate}), fp16 overflow, "
-                        f"or a broken row. Lower --lr, or set nan_policy=skip to skip such steps"
-                        + (f"; the last good checkpoint is {done[-1][1]} (--resume)" if done else ""))
-                skipped_in_a_row += 1
-                skipped_total += 1
-                log.warning("step %d: %s is not finite; step skipped (%d in a row)", step, what, skipped_in_a_row)
-                if skipped_in_a_row > cfg.max_skipped_steps:
-                    raise NonFiniteError(f"{skipped_in_a_row} steps in a row had non-finite loss or gradients; "
-                                         f"stopping. Lower the learning rate or check the data")
+                skipped_in_a_row = 0
+                optimizer.step()
                 scheduler.step()
-                metrics.write({"step": step, "skipped": True, "loss": None if not math.isfinite(loss_value) else loss_value})
-                continue
-            skipped_in_a_row = 0
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
 
-            real_tokens = int(accelerator.reduce(torch.tensor(float(real_tokens), device=device), "sum").item())
-            tokens_seen += real_tokens
-            trained_seen += int(n_global)
-            train_seconds += time.time() - step_started  # optimizer steps only: no evals, no saving
-            record = {"step": step, "epoch": round(step * cfg.grad_accum / micro_per_epoch, 4),
-                      "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens": real_tokens, "trained_tokens": int(n_global),
-                      "tokens_per_s": round(tokens_seen / train_seconds, 1),
-                      "elapsed_s": round(time.time() - started, 2)}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                last_eval = evaluate()
-                record.update(last_eval)
-            if step % cfg.log_every == 0 or "eval_loss" in record:
-                metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}",
-                            **({"eval": f"{last_eval['eval_loss']:.4f}"} if last_eval else {}))
-            if on_step:
-                on_step(record)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after_steps:
+                real_tokens = int(accelerator.reduce(torch.tensor(float(real_tokens), device=device), "sum").item())
+                tokens_seen += real_tokens
+                trained_seen += int(n_global)
+                train_seconds += time.time() - step_started  # optimizer steps only: no evals, no saving
+                record = {"step": step, "epoch": round(step * cfg.grad_accum / micro_per_epoch, 4),
+                          "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens": real_tokens, "trained_tokens": int(n_global),
+                          "tokens_per_s": round(tokens_seen / train_seconds, 1),
+                          "elapsed_s": round(time.time() - started, 2)}
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    last_eval = evaluate()
+                    record.update(last_eval)
+                if step % cfg.log_every == 0 or "eval_loss" in record:
+                    metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}",
+                                **({"eval": f"{last_eval['eval_loss']:.4f}"} if last_eval else {}))
+                if on_step:
+                    on_step(record)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after_steps:
+                    checkpoint(step)
+        except KeyboardInterrupt:
+            bar.close()
+            if step > start_step:
                 checkpoint(step)
-    except KeyboardInterrupt:
+            raise FinetuneError(f"interrupted at step {step}; a checkpoint was written: continue with {resume_with} "
+                                f"and the same --output {output}") from None
+        finally:
+            head.__exit__()
         bar.close()
-        if step > start_step:
-            checkpoint(step)
-        raise FinetuneError(f"interrupted at step {step}; a checkpoint was written: continue with --resume "
-                            f"and the same --output {output}") from None
-    finally:
-        head.__exit__()
-    bar.close()
 
-    if step < total_steps:  # stopped early on purpose (stop_after_steps)
-        return {"output": str(output), "step": step, "total_steps": total_steps, "stopped_early": True,
-                "final_loss": loss_value, "main_process": main}
+        if step < total_steps:  # stopped early on purpose (stop_after_steps)
+            return {"output": str(output), "step": step, "total_steps": total_steps, "stopped_early": True,
+                    "resume_with": resume_with,
+                    "final_loss": loss_value, "main_process": main}
 
-    # ---- evaluate + save ------------------------------------------------------------------------
-    final_eval = evaluate()
-    elapsed = time.time() - started
-    peak_mb = runs.peak_memory_mb(device.type)
-    initial = next((r["eval_loss"] for r in metrics.records if r.get("step") == 0 and "eval_loss" in r), None)
-    final = {"step": step, "train_loss": loss_value, **final_eval, "initial_eval_loss": initial, "skipped_steps": skipped_total,
-             "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds else None,
-             "trained_tokens_per_s": round(trained_seen / train_seconds, 1) if train_seconds else None,
-             "tokens": tokens_seen, "step_seconds": round(train_seconds, 2), "total_seconds": round(elapsed, 1),
-             "peak_memory_mb": round(peak_mb, 1)}
-    metrics.write({"step": step, **final_eval, "final": True})
-    unwrapped = accelerator.unwrap_model(model)
-    if main:
-        weights = get_peft_model_state_dict(unwrapped)
-        bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteError(f"the trained adapter has non-finite values in {bad[:3]}; nothing was saved")
-        _save_adapter(unwrapped, output)
-        hyper = {k: config_now[k] for k in SCHEDULE_FIELDS if k not in ("model", "format")}
-        hyper.update({"processes": world, "effective_batch": global_rows * cfg.grad_accum,
-                      "total_steps": total_steps, "trainable_params": n_trainable,
-                      "gradient_checkpointing": cfg.gradient_checkpointing, "precision_used": precision})
-        base = {"spec": cfg.model, "base_model_name_or_path": base_ref, "path": str(loaded.path)}
-        facts = {"kind": "lora", "parley_version": _version(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "base_model": base, "data": data_files["files"], "data_sha256": data_files["sha256"],
-                 "data_stats": stats, "rejected_rows": len(report.rejects), "hyperparameters": hyper,
-                 "metrics": final, "command": command or runs.command_line(), "device": str(device)}
-        runs.write_json_atomic(output / "parley_adapter.json", facts)
-        (output / "README.md").write_text(runs.model_card(
-            title=f"LoRA adapter {output.name} for {cfg.model}", kind="lora", base=base,
-            data=data_files["files"], hyperparameters=hyper,
-            metrics={k: v for k, v in final.items() if v is not None}, command=facts["command"],
-            usage=(f"```\nparley chat --model {cfg.model} --adapter {output.name}={output}\n"
-                   f"parley serve --model {cfg.model} --adapter {output.name}={output}\n```\n\n"
-                   f"or in Python: `PeftModel.from_pretrained(base_model, \"{output}\")`."),
-            tags=["parley", "lora", "peft"]))
-        runs.plot_curve(metrics.records, output / "loss_curve.png", f"LoRA {output.name}")
-        validate_adapter_dir(output)
-        log.info("adapter saved to %s (eval loss %s); use it with: parley chat --adapter %s=%s", output,
-                 f"{final_eval['eval_loss']:.4f}" if final_eval else "n/a", output.name, output)
-    accelerator.wait_for_everyone()
-    return {"output": str(output), "total_steps": total_steps, "main_process": main, **final}
+        # ---- evaluate + save ------------------------------------------------------------------------
+        final_eval = evaluate()
+        elapsed = time.time() - started
+        peak_mb = runs.peak_memory_mb(device.type)
+        initial = next((r["eval_loss"] for r in metrics.records if r.get("step") == 0 and "eval_loss" in r), None)
+        final = {"step": step, "train_loss": loss_value, **final_eval, "initial_eval_loss": initial, "skipped_steps": skipped_total,
+                 "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds else None,
+                 "trained_tokens_per_s": round(trained_seen / train_seconds, 1) if train_seconds else None,
+                 "tokens": tokens_seen, "step_seconds": round(train_seconds, 2), "total_seconds": round(elapsed, 1),
+                 "peak_memory_mb": round(peak_mb, 1)}
+        metrics.write({"step": step, **final_eval, "final": True})
+        unwrapped = accelerator.unwrap_model(model)
+        if main:
+            weights = get_peft_model_state_dict(unwrapped)
+            bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise NonFiniteError(f"the trained adapter has non-finite values in {bad[:3]}; nothing was saved")
+            _save_adapter(unwrapped, work)
+            hyper = {k: config_now[k] for k in SCHEDULE_FIELDS if k not in ("model", "format")}
+            hyper.update({"processes": world, "effective_batch": global_rows * cfg.grad_accum,
+                          "total_steps": total_steps, "trainable_params": n_trainable,
+                          "gradient_checkpointing": cfg.gradient_checkpointing, "precision_used": precision})
+            base = {"spec": cfg.model, "base_model_name_or_path": base_ref, "path": str(loaded.path)}
+            facts = {"kind": "lora", "parley_version": _version(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "base_model": base, "data": data_files["files"], "data_sha256": data_files["sha256"],
+                     "data_stats": stats, "rejected_rows": len(report.rejects), "hyperparameters": hyper,
+                     "metrics": final, "command": command or runs.command_line(), "device": str(device)}
+            runs.write_json_atomic(work / "parley_adapter.json", facts)
+            (work / "README.md").write_text(runs.model_card(
+                title=f"LoRA adapter {output.name} for {cfg.model}", kind="lora", base=base,
+                data=data_files["files"], hyperparameters=hyper,
+                metrics={k: v for k, v in final.items() if v is not None}, command=facts["command"],
+                usage=(f"```\nparley chat --model {cfg.model} --adapter {output.name}={output}\n"
+                       f"parley serve --model {cfg.model} --adapter {output.name}={output}\n```\n\n"
+                       f"or in Python: `PeftModel.from_pretrained(base_model, \"{output}\")`."),
+                tags=["parley", "lora", "peft"]))
+            runs.plot_curve(metrics.records, work / "loss_curve.png", f"LoRA {output.name}")
+            validate_adapter_dir(work)
+            if work != output:  # the new adapter is complete: only now does it replace the old one
+                runs.replace_dir(work, output)
+            log.info("adapter saved to %s (eval loss %s); use it with: parley chat --adapter %s=%s", output,
+                     f"{final_eval['eval_loss']:.4f}" if final_eval else "n/a", output.name, output)
+        accelerator.wait_for_everyone()
+        return {"output": str(output), "total_steps": total_steps, "main_process": main, **final}
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers the recipe uses once; kept below so the recipe reads top to bottom.
 # ------------------------------------------------------------------------------------------------
-def _prepare_output(output: Path, cfg: LoraConfig, main: bool) -> None:
-    if not main:
-        return
-    if output.exists() and not cfg.resume:
-        has_run = (output / "adapter_config.json").exists() or runs.list_checkpoints(output) or \
-            (output / "metrics.jsonl").exists()
-        if has_run and not cfg.overwrite:
+def _holds_run(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists() or bool(runs.list_checkpoints(folder)) or \
+        (folder / "metrics.jsonl").exists()
+
+
+@contextlib.contextmanager
+def _run_folder(output: Path, cfg: LoraConfig, main: bool):
+    """Lock ``output`` for this run and yield the folder the run writes to.
+
+    That is ``output`` itself, except when the run replaces one already there (--overwrite):
+    then it is a staging folder beside it (``.NAME.staging``) that ``replace_dir`` swaps in
+    once the new adapter is complete, so bad data, a crash or Ctrl-C never costs the adapter
+    that works. An interrupted replacement continues with --resume --overwrite; a staging
+    folder with nothing to resume is removed when the run fails.
+    """
+    with runs.run_lock(output, enabled=main):
+        work = _prepare_output(output, cfg, main)
+        try:
+            yield work
+        except BaseException:
+            if main and work != output and not runs.list_checkpoints(work):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _prepare_output(output: Path, cfg: LoraConfig, main: bool) -> Path:
+    """Decide (and, on the main process, create) the folder the run writes to; see _run_folder.
+
+    The decision reads only what the main process does not change before the other processes
+    read it (the run already in ``output``; a staging folder while resuming), so every process
+    of a distributed run decides the same.
+    """
+    staging = runs.sibling(output, "staging")
+    if main:
+        runs.recover_dir(output)  # a crash in the middle of an earlier swap
+    if cfg.resume:
+        if cfg.overwrite and staging.is_dir():
+            return staging  # continue the interrupted replacement run
+        if not output.exists():
+            raise ResumeError(f"--resume: {output} does not exist; nothing to resume")
+        return output
+    if _holds_run(output):
+        if not cfg.overwrite:
             raise FinetuneError(f"{output} already holds a training run: pass --resume to continue it, "
                                 f"--overwrite to replace it, or choose another --output")
-        if has_run:
-            shutil.rmtree(output)
-    if cfg.resume and not output.exists():
-        raise ResumeError(f"--resume: {output} does not exist; nothing to resume")
-    output.mkdir(parents=True, exist_ok=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        return staging
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def _data_facts(cfg: LoraConfig, home: Path, examples, report: D.DataReport, from_feedback: bool) -> dict[str, Any]:

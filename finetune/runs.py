@@ -10,11 +10,20 @@ Checkpoint layout (``OUTPUT/checkpoints/checkpoint-000010/``)::
     state.json            step, epoch, config, data hashes; written last
 
 A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place, so a
-run killed while saving leaves only a ``.tmp-*`` folder that resume ignores and deletes.
+run killed while saving leaves only a ``.tmp-*`` folder that resume ignores and deletes. Nothing
+complete is ever deleted in place: a checkpoint being replaced (the same step saved again) is
+first renamed to ``.old-*`` and removed only once the new one is in place, and one being rotated
+out is renamed to ``.del-*`` before it is removed, so a run killed at any moment leaves a
+complete newest checkpoint, which ``clean_partial_checkpoints`` restores if needed.
+
+A run folder has one writer: ``run_lock`` holds a lock file beside it (``.NAME.lock``) for the
+whole run; ``replace_dir`` swaps a finished folder in for an old one with two renames, and
+``recover_dir`` repairs the one moment in between after a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -222,16 +231,54 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+_HIDDEN_RE = re.compile(r"^\.(tmp|old|del)-(checkpoint-\d+)$")
+
+
 def clean_partial_checkpoints(output: Path) -> list[Path]:
-    """Delete temporary folders left by a run killed while saving; returns what was removed."""
+    """Repair what a run killed while saving left behind; returns what was removed.
+
+    A checkpoint that was being replaced by a new save of the same step and is missing (the
+    process died between moving the old one aside and renaming the new one in) is restored
+    from its ``.old-*`` copy; every hidden temporary folder and every checkpoint folder without
+    its ``state.json`` is deleted.
+    """
     folder = checkpoints_dir(output)
     removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".tmp-") or (CHECKPOINT_RE.match(p.name) and not (p / STATE_FILE).is_file()):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _HIDDEN_RE.match(p.name)
+        if m and m.group(1) == "old" and (p / STATE_FILE).is_file():
+            target = folder / m.group(2)
+            if not (target / STATE_FILE).is_file():
+                if target.exists():
+                    _remove_dir(target)
+                os.replace(p, target)
+                log.info("restored %s (a run was stopped while replacing it)", target.name)
+    for p in folder.iterdir():
+        if _HIDDEN_RE.match(p.name) or (CHECKPOINT_RE.match(p.name) and not (p / STATE_FILE).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a folder without ever leaving it half-deleted under its own name: rename, then delete."""
+    doomed = path.with_name(f".del-{path.name}" if not path.name.startswith(".") else f"{path.name}.del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_parent(path: Path) -> None:
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def save_checkpoint(output: Path, step: int, *, weights: dict[str, Any], optimizer, scheduler,
@@ -239,6 +286,9 @@ def save_checkpoint(output: Path, step: int, *, weights: dict[str, Any], optimiz
     """Write checkpoint-STEP atomically (temporary folder + rename); keep the newest ``keep``.
 
     Every process calls this (each saves its own RNG state); the main process writes the rest.
+    Order matters for a process killed at any point (see the module docstring): write and fsync
+    the new folder; move an existing checkpoint of the same step aside; rename the new one in;
+    only then delete the old one and rotate out checkpoints beyond ``keep``.
     """
     import torch
     from safetensors.torch import save_file
@@ -263,11 +313,15 @@ def save_checkpoint(output: Path, step: int, *, weights: dict[str, Any], optimiz
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
         _fsync_dir(tmp)
+        old = folder / f".old-checkpoint-{step:06d}"
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(output)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)  # still complete, under a name resume knows how to restore
+        os.replace(tmp, final)
+        _fsync_parent(final)
+        shutil.rmtree(old, ignore_errors=True)
+        for _, stale in list_checkpoints(output)[:-keep] if keep > 0 else []:
+            _remove_dir(stale)
     if accelerator:
         accelerator.wait_for_everyone()
     return final if main else None
@@ -362,6 +416,69 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: one writer each, replaced only by a finished run
+# --------------------------------------------------------------------------------------------
+def sibling(output: Path, kind: str) -> Path:
+    """A hidden neighbour of a run folder: ``.NAME.lock``, ``.NAME.staging`` or ``.NAME.old``."""
+    return output.with_name(f".{output.name}.{kind}")
+
+
+@contextlib.contextmanager
+def run_lock(output: Path, enabled: bool = True):
+    """Hold the run folder's lock for the duration; a second run into the same folder is refused.
+
+    The lock is an OS file lock (flock) on ``.NAME.lock`` beside the folder, so it is released
+    when the process ends in any way, kill -9 included: there is never a stale lock to remove.
+    """
+    if not enabled:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = sibling(output, "lock")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FinetuneError(f"another training run is writing to {output} right now (it holds {path}): "
+                            f"wait for it to finish, stop it, or choose another --output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the folder ``new`` in place of ``target`` (which may not exist), never leaving neither.
+
+    Two renames: ``target`` -> ``.NAME.old``, then ``new`` -> ``target``; the old one is deleted
+    after. A crash between the renames is repaired by ``recover_dir(target)``.
+    """
+    recover_dir(target)  # a leftover .old from an earlier crash may be the only copy
+    old = sibling(target, "old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    _fsync_parent(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> bool:
+    """Undo an interrupted ``replace_dir``: restore ``target`` from ``.NAME.old`` when it is
+    missing, else delete the leftover. Returns True when something was restored."""
+    old = sibling(target, "old")
+    if not old.exists():
+        return False
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+    os.replace(old, target)
+    log.info("restored %s (a run was stopped while replacing it)", target)
+    return True
 
 
 def model_card(*, title: str, kind: str, base: dict[str, Any], data: list[dict[str, Any]],
