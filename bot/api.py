@@ -575,8 +575,11 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request):
-        """Delete one of your conversations (its turns and their feedback go with it)."""
-        await asyncio.to_thread(runtime.store.delete_conversation, conversation_id, identity_of(request).owner)
+        """Delete one of your conversations (its turns and their feedback go with it); an admin may
+        delete anyone's (e.g. on a person's request to erase their data)."""
+        identity = identity_of(request)
+        await asyncio.to_thread(runtime.store.delete_conversation, conversation_id,
+                                None if identity.admin else identity.owner)
         return {"id": conversation_id, "deleted": True}
 
     from bot.api_documents import documents_router

@@ -79,6 +79,10 @@ def test_two_api_keys_never_see_each_others_conversations(server):
     assert call(url, ALICE, "DELETE", f"/v1/conversations/{a_conv}").status_code == 200
     with pytest.raises(NotFoundError):
         runtime.store.get_conversation(a_conv)
+    # Alice is the admin: she may erase someone else's data (Bob asked her to); Bob still may not read it.
+    assert call(url, ALICE, "DELETE", f"/v1/conversations/{b_conv}").status_code == 200
+    with pytest.raises(NotFoundError):
+        runtime.store.get_conversation(b_conv)
 
 
 def test_admin_actions_need_an_admin(server, tmp_path):
