@@ -22,6 +22,8 @@ from typing import Any, AsyncIterator, Iterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from bot import api_schema
+from bot.api_schema import json_body
 from bot.assistant import TurnOptions
 from bot.engine import BASE, GenerationParams
 from bot.errors import NotFoundError, ParleyError, RequestError, TooLargeError, UnsupportedMediaError
@@ -386,7 +388,7 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
 
         return StreamingResponse(whole(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(api_schema.CHAT))
     async def chat_completions(request: Request):
         body = await read_json(request)
         req = parse_chat_request(body, runtime)
@@ -483,7 +485,7 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", openapi_extra=json_body(api_schema.FEEDBACK))
     async def feedback(request: Request):
         """Rate a reply (turn_id from the `parley` field of a completion): the data fine-tuning learns from."""
         body = await read_json(request)
@@ -500,7 +502,7 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
                                               source="api", owner=identity_of(request).owner))
         return {"id": fid, "turn_id": body["turn_id"], "rating": rating}
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", openapi_extra=json_body(api_schema.ADAPTER))
     async def load_adapter(request: Request):
         """Load (or reload) a LoRA adapter by name and folder; the chat can use it at once."""
         identity_of(request).require_admin("loading an adapter")
@@ -517,7 +519,7 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         await asyncio.to_thread(runtime.engine.unload_adapter, name)
         return {"name": name, "loaded": sorted(runtime.engine.adapters)}
 
-    @app.post("/v1/train", status_code=202)
+    @app.post("/v1/train", status_code=202, openapi_extra=json_body(api_schema.TRAIN))
     async def start_training(request: Request):
         """Fine-tune a LoRA adapter on the chat's feedback; when it finishes the chat can use it."""
         identity_of(request).require_admin("training")
