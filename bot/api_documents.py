@@ -138,6 +138,20 @@ class _StreamedUpload:
             self.fields[self._name] = self._field.decode("utf-8", "replace")
 
 
+def _clean_stale_uploads(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Remove temp files of uploads a killed server left behind (a running upload is never that old)."""
+    import time
+
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        try:
+            if time.time() - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _flag(value: str | None, name: str) -> bool | None:
     if value is None or value == "":
         return None
@@ -172,6 +186,8 @@ def documents_router(runtime) -> APIRouter:
                                f"or '-' (no '/', no '..')")
 
     router = APIRouter(tags=["documents"], dependencies=[Depends(checks)])
+    if runtime.documents is not None:
+        _clean_stale_uploads(runtime.documents.home / "tmp" / "uploads")
     settings = runtime.settings
 
     def library():

@@ -455,7 +455,7 @@ class DocumentLibrary:
         if key not in self._file_counts:
             index = self._indexes.get(coll.path)
             try:
-                if index is not None and index._version == version:
+                if index is not None and index.info()["version"] == version:
                     count = len({d.origin for d in index.documents()})
                 else:
                     raw = json.loads((coll.path / "versions" / version / "docs.json").read_text(encoding="utf-8"))
@@ -719,6 +719,8 @@ class DocumentLibrary:
         job = self._new_job(coll, identity.owner, "upload")
         staging = coll.path / "uploads" / job.id
         seen: set[str] = set()
+        from retrieval.loaders import make_doc_id
+
         for i, (given, source) in enumerate(files):
             entry = FileProgress(name=str(given)[:300], times={"queued": time.time()})
             job.files.append(entry)
@@ -729,8 +731,6 @@ class DocumentLibrary:
                 continue
             clean = _unique(clean, seen)
             entry.name = clean
-            from retrieval.loaders import make_doc_id
-
             entry.doc_id = make_doc_id(clean)
             reason = self._check_file(Path(source), clean)
             if reason is not None:
@@ -1004,6 +1004,9 @@ class DocumentLibrary:
                            retryable=True)
             return
         by_origin = {fr.path: fr for fr in report.files}
+        after: dict[str, int] = {}
+        for d in index.documents():
+            after[d.origin] = after.get(d.origin, 0) + d.chunks
         for entry, docs in loaded:
             origin = docs[0].origin
             fr = by_origin.get(origin)
@@ -1014,7 +1017,7 @@ class DocumentLibrary:
                     index.remove(d.doc_id)
                 except RetrievalError:
                     log.warning("could not remove stale record %s", d.doc_id, exc_info=True)
-            entry.chunks = sum(d.chunks for d in index.documents() if d.origin == origin)
+            entry.chunks = after.get(origin, 0) - sum(d.chunks for d in stale)
             entry.doc_id = _file_id(origin, docs)
             if fr is not None and fr.status == "unchanged" and job.kind != "reindex" and not stale:
                 entry.note = "unchanged: already indexed"

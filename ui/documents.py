@@ -203,14 +203,17 @@ def build_documents_tab(runtime, session: Session) -> None:
                 raise gr.Error("That folder has no PDF, DOCX, Markdown, HTML, text or JSONL files.")
         # A new collection made by this upload is shared when an admin asks (a laptop: the terminal's
         # `parley chat` then sees it too); an existing name resolves as everywhere (own first).
-        exists = target in {c.name for c in lib.collections(identity.owner)}
-        want_shared = True if identity.admin and shared and not exists else None
+        visible = {c.name: c for c in lib.collections(identity.owner)}
+        want_shared = True if identity.admin and shared and target not in visible else None
         try:
             job = lib.upload(identity, target, items, shared=want_shared)
         except ParleyError as exc:
             fail(exc)
         note = f" (left out files of other types: {', '.join(left_out[:8])})" if left_out else ""
-        gr.Info(f"Indexing {len(items)} file(s) into {job.collection}{note}.")
+        where = job.collection + (" (shared)" if job.shared else "")
+        if target in visible and visible[target].shared and not job.shared:
+            where = f"your own collection {job.collection} (the shared one is read-only for you)"
+        gr.Info(f"Indexing {len(items)} file(s) into {where}{note}.")
         return [*view(identity, job.collection), None, None, "", browser_id]
 
     def on_files(browser_id, name, typed, shared, paths, request: gr.Request):

@@ -345,3 +345,22 @@ def test_uploaded_symlinks_and_non_files_are_refused(lib, tmp_path):
     assert "symbolic link" in reasons[0] and "not a regular file" in reasons[1] and "not a regular file" in reasons[2]
     assert "missing" in reasons[3]
     assert lib.documents(ALICE.owner, "notes") == []
+
+
+def test_an_index_made_by_parley_index_add_is_a_shared_collection(lib, files):
+    """`parley index add` writes PARLEY_HOME/indexes/NAME; the library lists, searches, re-indexes it,
+    and removing a document never touches the file it was read from."""
+    from retrieval import open_index
+
+    index = open_index(lib.home / "indexes" / "default", embedder="hash")
+    index.add_paths([files / "cats.md", files / "earth.pdf"])
+    [info] = lib.collections(ALICE.owner)
+    assert (info.name, info.shared, info.documents) == ("default", True, 2)
+    docs = {Path(d.source).name: d for d in lib.documents(ALICE.owner, "default")}
+    assert docs["cats.md"].source == str((files / "cats.md").resolve()) and docs["cats.md"].bytes > 0
+    assert lib.search(BOB.owner, ["default"], "glaciers", k=1)[0]["source"].endswith("earth.pdf")
+    job = lib.wait(ROOT.owner, lib.reindex(ROOT, "default").id)
+    assert [f.stage for f in job.files] == ["saved", "saved"]
+    lib.remove(ROOT, "default", docs["cats.md"].doc_id)
+    assert (files / "cats.md").is_file()
+    assert [Path(d.source).name for d in lib.documents(ALICE.owner, "default")] == ["earth.pdf"]
