@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+def _lowest_priority() -> None:  # runs in the child before exec
+    try:
+        os.nice(19)
+    except OSError:
+        pass
+
+
 @dataclass
 class Job:
     name: str
@@ -88,8 +95,11 @@ class TrainingJobs:
             job = Job(name=name, command=command, log_path=log_path, adapter_path=self.home / "adapters" / name)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             with open(log_path, "wb") as out:
+                # The chat comes first: on a machine that serves and trains at once, the trainer runs
+                # at the lowest CPU priority so people's replies keep their speed (it takes the
+                # cores the chat leaves idle, which between turns is nearly all of them).
                 job.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL)
+                                               stdin=subprocess.DEVNULL, preexec_fn=_lowest_priority)
             self.jobs[name] = job
         threading.Thread(target=self._watch, args=(job,), name=f"train-{name}", daemon=True).start()
         return job
