@@ -40,6 +40,17 @@ from bot.owners import ForbiddenError
 
 MAX_FILES_PER_REQUEST = 1000
 _FIELD_LIMIT = 4096
+
+_NAME_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+CREATE = {"type": "object", "required": ["name"], "properties": {"name": _NAME_SCHEMA, "shared": {"type": "boolean"}}}
+SEARCH = {"type": "object", "required": ["query"], "properties": {
+    "query": {"type": "string"}, "k": {"type": "integer", "minimum": 1, "maximum": 50}}}
+SEARCH_MANY = {"type": "object", "required": ["query"], "properties": {
+    **SEARCH["properties"], "collections": {"type": "array", "items": _NAME_SCHEMA}}}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 PayloadTooLargeError = TooLargeError
 
 
@@ -226,7 +237,7 @@ def documents_router(runtime) -> APIRouter:
         infos = await run(library().collections, identity.owner)
         return {"object": "list", "data": [collection_dict(i, identity) for i in infos]}
 
-    @router.post("/v1/collections", status_code=201, summary="Create a collection")
+    @router.post("/v1/collections", status_code=201, summary="Create a collection", openapi_extra=_json_body(CREATE))
     async def create_collection(request: Request):
         """Body: {"name": "manuals", "shared": false}. Shared collections: admins only."""
         identity = identity_of(request)
@@ -237,7 +248,7 @@ def documents_router(runtime) -> APIRouter:
         info = await run(library().create, identity, body.get("name"), shared=shared)
         return collection_dict(info, identity)
 
-    @router.post("/v1/collections/search", summary="Search several collections")
+    @router.post("/v1/collections/search", summary="Search several collections", openapi_extra=_json_body(SEARCH_MANY))
     async def search_many(request: Request):
         """Body: {"query": "...", "collections": ["a", "b"] (default: all you can see), "k": 5}."""
         identity = identity_of(request)
@@ -368,7 +379,7 @@ def documents_router(runtime) -> APIRouter:
         job = await run(library().reindex, identity_of(request), name, None)
         return JSONResponse(job.to_dict(), status_code=202)
 
-    @router.post("/v1/collections/{name}/search", summary="Search one collection")
+    @router.post("/v1/collections/{name}/search", summary="Search one collection", openapi_extra=_json_body(SEARCH))
     async def search_one(name: str, request: Request):
         """Body: {"query": "...", "k": 5}; passages best first with title, page, span and score."""
         identity = identity_of(request)
