@@ -209,12 +209,18 @@ class StoredTurn:
     finish_reason: str
     external_id: str | None
     created_at: float
+    error: str | None = None
+    """The turn's stored error (usage.error), when it failed."""
 
     def tools(self, via: str | None = None) -> list[str]:
         return [c.get("name") for c in self.tool_calls if via is None or c.get("via") == via]
 
     def call(self, name: str) -> dict[str, Any] | None:
         return next((c for c in self.tool_calls if c.get("name") == name), None)
+
+
+RUNNING = ("running", "")
+"""Finish reasons of a turn still being generated (bot/store.py stores the message when it starts)."""
 
 
 class StoreReader:
@@ -244,12 +250,13 @@ class StoreReader:
         for r in self._rows(sql + " ORDER BY t.created_at", tuple(args)):
             messages = json.loads(r["messages"] or "[]")
             user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+            usage = json.loads(r["usage"] or "{}")
             out.append(StoredTurn(id=r["id"], conversation_id=r["conversation_id"], source=r["source"],
                                   user_text=str(user), reply=r["reply"], adapter=r["adapter"],
                                   params=json.loads(r["params"] or "{}"),
                                   tool_calls=json.loads(r["tool_calls"] or "[]"),
                                   finish_reason=r["finish_reason"], external_id=r["external_id"],
-                                  created_at=r["created_at"]))
+                                  created_at=r["created_at"], error=usage.get("error")))
         return out
 
     def turn(self, turn_id: str) -> StoredTurn | None:
@@ -257,10 +264,12 @@ class StoreReader:
 
     def wait_turn(self, user_text: str, *, since: float, source: str | None = None, timeout: float = 90.0,
                   external_id: bool = False) -> StoredTurn:
-        """The turn for ``user_text`` stored after ``since`` (optionally once its external id is set)."""
+        """The finished turn for ``user_text`` stored after ``since`` (optionally once its external id
+        is set). A turn is stored as ``running`` when it starts; that row does not count yet."""
         def probe():
             for t in reversed(self.turns(since=since, source=source)):
-                if t.user_text.strip() == user_text.strip() and (t.external_id or not external_id):
+                if t.user_text.strip() == user_text.strip() and t.finish_reason not in RUNNING \
+                        and (t.external_id or not external_id):
                     return t
             return None
 
@@ -458,6 +467,9 @@ class BrowserChat:
         """
         since = self.send(text)
         turn = self.store.wait_turn(text, since=since, source="web", timeout=timeout)
+        if turn.finish_reason == "error":
+            time.sleep(0.5)  # let the page render it, for the message and the screenshot
+            raise AssertionError(f"browser: the turn failed: {turn.error!r}; the page shows {self.bot_text()[-300:]!r}")
         tail = letters(turn.reply)[-24:]  # how the stored reply ends, as rendered markdown still shows it
         final = expect or (lambda shown: tail in letters(shown))
         shown = wait_until("the page to show the finished reply", lambda: (lambda s: s if final(s) else None)(

@@ -92,7 +92,13 @@ def cell(feature: str, frontend: str):
 # -- what every front end must show ---------------------------------------------------------------
 def clean(turn: StoredTurn, where: str) -> None:
     assert turn.finish_reason in ("stop", "length"), \
-        f"{where}: the turn ended with {turn.finish_reason!r} (reply {turn.reply[:200]!r})"
+        f"{where}: the turn ended with {turn.finish_reason!r} ({turn.error or ''}; reply {turn.reply[:200]!r})"
+
+
+def not_failed(turn: StoredTurn, where: str) -> StoredTurn:
+    """Fail at once, with the stored error, when the turn itself failed (before any other check)."""
+    assert turn.finish_reason != "error", f"{where}: the turn failed: {turn.error!r} (reply {turn.reply[:200]!r})"
+    return turn
 
 
 def has_paris(text: str, where: str) -> None:
@@ -106,7 +112,8 @@ def no_error(text: str, where: str) -> None:
 
 def tool_ran(turn: StoredTurn, name: str, where: str, via: str | None = None) -> dict[str, Any]:
     call = turn.call(name)
-    assert call is not None, f"{where}: no {name} tool call stored (calls: {turn.tool_calls})"
+    failed = f"; the turn failed: {turn.error!r}" if turn.finish_reason == "error" else ""
+    assert call is not None, f"{where}: no {name} tool call stored (calls: {turn.tool_calls}){failed}"
     assert call.get("ok"), f"{where}: the {name} tool failed: {call.get('error') or call}"
     if via is not None:
         assert call.get("via") == via, f"{where}: {name} ran via {call.get('via')!r}, expected {via!r}"
@@ -158,7 +165,7 @@ def _api_chat(api, content: str, **kwargs):
     assert extra.get("turn_id"), f"api: no parley.turn_id in the response: {resp}"
     turn = api.store.turn(extra["turn_id"])
     assert turn is not None, f"api: turn {extra['turn_id']} is not in the store"
-    return reply, extra, turn
+    return reply, extra, not_failed(turn, "api")
 
 
 @cell("plain-chat", "api")
@@ -270,7 +277,7 @@ def _gradio_chat(g, message: str, adapter: str = "base"):
                                   api_name="/chat")
     turn = g.store.wait_turn(message, since=since, source="web", timeout=30)
     assert turn.conversation_id == cid, f"gradio-api: the stored turn is in {turn.conversation_id}, reply said {cid}"
-    return reply, turn
+    return reply, not_failed(turn, "gradio-api")
 
 
 @cell("plain-chat", "gradio-api")
@@ -332,7 +339,7 @@ def _(g):
 # terminal: parley chat --message, piped stdin, and the REPL on a pty
 # ================================================================================================
 def _cli_turn(t, text: str, since: float) -> StoredTurn:
-    return t.store.wait_turn(text, since=since, source="cli", timeout=10)
+    return not_failed(t.store.wait_turn(text, since=since, source="cli", timeout=10), "terminal")
 
 
 @cell("plain-chat", "terminal")
@@ -510,7 +517,7 @@ def _channel() -> str:
 def _slack_mention(s, text: str, channel: str) -> tuple[StoredTurn, str, str]:
     since = time.time()
     ts = s.mention(text, channel=channel)
-    turn = s.wait_reply(text, since=since)
+    turn = not_failed(s.wait_reply(text, since=since), "slack")
     final = s.final_texts(channel)[-1]
     return turn, final, ts
 
@@ -544,7 +551,7 @@ def _slack_command(s, name: str, text: str):
     channel = _channel()
     since = time.time()
     s.command(name, text, channel=channel)
-    turn = s.wait_reply(f"{name} {text}", since=since)
+    turn = not_failed(s.wait_reply(f"{name} {text}", since=since), "slack")
     return turn, s.final_texts(channel)[-1]
 
 
@@ -630,7 +637,8 @@ def _discord_ask(d, text: str, *, setting: str | None = None, react: bool = Fals
                                                            author_id=OWNER_ID))
         sent = mock.sent()[start:start + 1]
         assert sent, "discord: the bot sent nothing"
-        turn = driver.store.wait_turn(text, since=since, source="discord", timeout=10, external_id=True)
+        turn = not_failed(driver.store.wait_turn(text, since=since, source="discord", timeout=10, external_id=True),
+                          "discord")
         reply_id = sent[0].result["id"]
         final = mock.messages[reply_id]["content"]
         edits = [c.json.get("content", "") for c in mock.edits() if c.path.endswith(f"/messages/{reply_id}")]
