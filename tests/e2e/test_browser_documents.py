@@ -1,5 +1,5 @@
 """The Documents tab in headless Chromium on the composed app: upload two files, watch them reach
-"saved", reload and still see them, see a bad file's reason, remove one."""
+"saved", reload and still see them, see a bad file's reason, remove one, upload a folder."""
 
 from __future__ import annotations
 
@@ -80,9 +80,20 @@ def test_upload_progress_reload_and_remove(app_url, page, tmp_path):
     cell(page, "parley-doc-list", "earth.pdf").wait_for()
     page.screenshot(path=str(tmp_path / "documents-removed.png"), full_page=True)
 
+    # A folder: its documents are indexed, files of other types are left out.
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "tea.md").write_text("# Tea\n\nGreen tea is steamed, black tea is oxidised.\n")
+    (folder / "sub" / "coffee.txt").write_text("Coffee beans are roasted seeds.")
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    page.locator("#parley-doc-folder input[type=file]").set_input_files(str(folder))
+    cell(page, "parley-doc-list", "tea.md").wait_for()
+    cell(page, "parley-doc-list", "coffee.txt").wait_for()
+    assert "logo.png" not in page.locator("#parley-doc-list").inner_text()
+
     # The library agrees. On a laptop (loopback, no logins) the new collection is shared, so the
     # terminal (`parley chat`, owner "local") searches it too.
     lib = runtime.documents
     assert (runtime.settings.home / "indexes" / "default" / "CURRENT").is_file()
-    assert [d.source for d in lib.documents("local", "default")] == ["earth.pdf"]
+    assert [d.source for d in lib.documents("local", "default")] == ["coffee.txt", "earth.pdf", "tea.md"]
     assert all(h["source"] != "cats.md" for h in lib.search("local", ["default"], "cats sleep", k=5))
