@@ -213,8 +213,7 @@ class UploadJob:
                 "failed": counts.get("failed", 0), "files": [f.public() for f in self.files]}
 
     def _record(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def _from_record(cls, d: dict[str, Any]) -> "UploadJob":
@@ -365,6 +364,7 @@ class DocumentLibrary:
         self._worker: threading.Thread | None = None
         self._embedders: dict[Path, _ObservedEmbedder] = {}
         self._file_counts: dict[tuple[Path, str], int] = {}
+        self._job_cache: dict[Path, tuple[int, UploadJob]] = {}
         self.boot = secrets.token_hex(8)
 
     # -- where things are -------------------------------------------------------------------------
@@ -855,7 +855,13 @@ class DocumentLibrary:
             if job_id in self._live:
                 return self._live[job_id]
         try:
-            job = UploadJob._from_record(json.loads(path.read_text(encoding="utf-8")))
+            mtime = path.stat().st_mtime_ns
+            cached = self._job_cache.get(path)
+            if cached is not None and cached[0] == mtime:
+                job = cached[1]  # the page refreshes every second while a job runs: parse once
+            else:
+                job = UploadJob._from_record(json.loads(path.read_text(encoding="utf-8")))
+                self._job_cache[path] = (mtime, job)
         except (OSError, ValueError, TypeError) as exc:
             log.warning("unreadable job file %s: %s", path, exc)
             return None
@@ -1057,10 +1063,6 @@ class DocumentLibrary:
             if persist:
                 self._persist(job)
 
-    def _touch(self, job: UploadJob) -> None:
-        with self._lock:
-            self._persist(job)
-
     def _persist(self, job: UploadJob, force: bool = False) -> None:
         """Write the job file (at most every half second, unless forced); caller holds the lock."""
         job.updated_at = time.time()
@@ -1175,12 +1177,3 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def describe(job: UploadJob | dict[str, Any]) -> str:
-    """One line about a job, for logs and the CLI: "3 saved, 1 failed of 4 files (done)"."""
-    d = job.to_dict() if isinstance(job, UploadJob) else job
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
-    return f"{parts} of {len(d['files'])} files ({d['state']})"
-
-
