@@ -598,11 +598,13 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         import gradio as gr
 
         from ui.app import build_ui
+        from ui.session import install_browser_cookie
 
         demo = build_ui(runtime)
+        install_browser_cookie(app)
         auth = access.check_login if access.login_required else None
         app = gr.mount_gradio_app(app, demo, path="/", auth=auth, show_error=False,
-                                  max_file_size=settings.max_request_bytes)
+                                  max_file_size=max(settings.max_request_bytes, settings.max_upload_bytes))
     return app
 
 

@@ -160,7 +160,8 @@ class Assistant:
         try:
             self.store.finish_turn(turn_id, reply=reply, tool_calls=outcome.tool_calls,
                                    finish_reason=done.finish_reason,
-                                   usage={**done.usage.to_dict(), "error": done.error})
+                                   usage={**done.usage.to_dict(), "error": done.error},
+                                   prompt=list(outcome.messages))
             return turn_id
         except Exception:
             log.exception("could not store the turn")

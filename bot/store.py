@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS turns (
     finish_reason TEXT NOT NULL,
     usage TEXT NOT NULL DEFAULT '{}',
     external_id TEXT,              -- e.g. the Slack ts / Discord message id of the reply
+    prompt TEXT,                   -- JSON: every message the model was given (system, sources, history)
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS turns_conversation ON turns(conversation_id, seq);
@@ -113,6 +114,8 @@ class Turn:
     usage: dict[str, Any]
     external_id: str | None
     created_at: float
+    prompt: list[dict[str, Any]] | None = None
+    """Every message the model was given, when the turn recorded it (older turns did not)."""
 
 
 class Store:
@@ -130,6 +133,8 @@ class Store:
             columns = {r["name"] for r in conn.execute("PRAGMA table_info(conversations)")}
             if "owner" not in columns:
                 conn.execute("ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT 'local'")
+            if "prompt" not in {r["name"] for r in conn.execute("PRAGMA table_info(turns)")}:
+                conn.execute("ALTER TABLE turns ADD COLUMN prompt TEXT")
             conn.execute("CREATE INDEX IF NOT EXISTS conversations_owner ON conversations(owner, updated_at)")
         self._mark_interrupted()
 
@@ -258,10 +263,12 @@ class Store:
                              params=params, finish_reason="running", usage={"writer": _WRITER})
 
     def finish_turn(self, turn_id: str, *, reply: str, finish_reason: str, tool_calls: list[dict[str, Any]] | None = None,
-                    usage: dict[str, Any] | None = None) -> None:
-        self._write("UPDATE turns SET reply = ?, finish_reason = ?, tool_calls = ?, usage = ? WHERE id = ?",
+                    usage: dict[str, Any] | None = None, prompt: list[dict[str, Any]] | None = None) -> None:
+        """Fill in the reply. ``prompt``: every message the model was given (the system prompt, the
+        retrieved sources, the history): training data from this turn uses exactly that context."""
+        self._write("UPDATE turns SET reply = ?, finish_reason = ?, tool_calls = ?, usage = ?, prompt = ? WHERE id = ?",
                     (reply, finish_reason, json.dumps(tool_calls or [], default=str), json.dumps(usage or {}),
-                     turn_id))
+                     json.dumps(prompt, default=str) if prompt is not None else None, turn_id))
 
     def _mark_interrupted(self) -> None:
         """Turns left ``running`` by a process of this host that is gone become ``interrupted``.
@@ -363,15 +370,32 @@ class Store:
             reply = row["correction"] or (turn.reply if row["rating"] >= min_rating else None)
             if not reply:
                 continue
-            messages: list[dict[str, Any]] = []
-            for earlier in self.turns(turn.conversation_id):
-                if earlier.seq >= turn.seq:
-                    break
-                messages.extend({"role": m["role"], "content": m["content"]} for m in earlier.messages)
-                messages.append({"role": "assistant", "content": earlier.reply})
-            messages.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
-            messages.append({"role": "assistant", "content": reply})
-            yield {"messages": messages, "turn_id": turn.id, "adapter": turn.adapter}
+            yield {"messages": [*self.context_of(turn), {"role": "assistant", "content": reply}],
+                   "turn_id": turn.id, "adapter": turn.adapter}
+
+    def context_of(self, turn: Turn) -> list[dict[str, Any]]:
+        """The messages that produced ``turn``'s reply: what the model was given when the turn
+        recorded it (system prompt, retrieved sources, history), else rebuilt from the history.
+
+        Why it matters: a 👍 on an answer built from retrieved passages, trained without those
+        passages, teaches the model to invent the answer."""
+        if turn.prompt:
+            return [{"role": m["role"], "content": m.get("content") or ""} for m in turn.prompt
+                    if m.get("role") in ("system", "user", "assistant", "tool")]
+        messages: list[dict[str, Any]] = []
+        for earlier in self.turns(turn.conversation_id):
+            if earlier.seq >= turn.seq:
+                break
+            messages.extend({"role": m["role"], "content": m["content"]} for m in earlier.messages)
+            messages.append({"role": "assistant", "content": earlier.reply})
+        messages.extend({"role": m["role"], "content": m["content"]} for m in turn.messages)
+        return messages
+
+    def preference_pairs(self):
+        """Preference pairs for DPO from votes and corrections (see bot/preferences.py)."""
+        from bot.preferences import Preferences
+
+        return Preferences(self).pairs()
 
     # -- settings (per channel / workspace / conversation) -------------------------------------
     def set_setting(self, scope: str, key: str, value: Any) -> None:
@@ -402,4 +426,4 @@ def _turn(row: sqlite3.Row) -> Turn:
                 adapter=row["adapter"], params=json.loads(row["params"]),
                 tool_calls=json.loads(row["tool_calls"]), finish_reason=row["finish_reason"],
                 usage=json.loads(row["usage"]), external_id=row["external_id"],
-                created_at=row["created_at"])
+                created_at=row["created_at"], prompt=json.loads(row["prompt"]) if row["prompt"] else None)

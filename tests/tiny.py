@@ -61,3 +61,17 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_tiny_adapter(model_dir, out_dir, seed: int):
+    """A LoRA adapter with random, non-zero weights (so it visibly changes outputs), saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

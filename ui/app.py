@@ -4,6 +4,7 @@ component module per tab). Tabs hold no model logic; they call the runtime.
 - Chat (ui/chat.py): streaming chat with tools, sources, feedback, history, adapters.
 - Documents (ui/documents.py): collections, uploads with progress, the documents list.
 - Fine-tune (ui/training.py): train an adapter on the chat's feedback.
+- Compare (ui/compare.py): two answers to one prompt, a blind vote, the leaderboard.
 
 Who is asking is decided on the server for every event (ui/session.py): the logged-in user, or
 this browser's random id.
@@ -20,6 +21,7 @@ from bot.owners import LOCAL, Identity
 from bot.runtime import Runtime
 from bot.tool_names import TOOL_NAMES
 from ui.chat import build_chat_tab
+from ui.compare import build_compare_tab
 from ui.session import ensure_browser_id, make_session
 from ui.training import build_training_tab
 
@@ -42,6 +44,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                     build_documents_tab(runtime, session)
             with gr.Tab("Fine-tune", id="finetune", elem_id="parley-tab-finetune"):
                 build_training_tab(runtime, session, chat.adapter)
+            with gr.Tab("Compare", id="compare", elem_id="parley-tab-compare"):
+                build_compare_tab(runtime, session)
 
         # The browser id first (a new visitor gets one), then everything that needs to know who it is.
         demo.load(ensure_browser_id, session.browser_id, session.browser_id, api_name=False).then(

@@ -3,8 +3,13 @@
 Each tab's handlers take the browser's id (``session.browser_id``, a ``gr.BrowserState`` input)
 and the ``gr.Request``, and ask ``session.identity(request, browser_id)`` who is asking. The
 server decides, for every event: a logged-in user is ``user:NAME``; without login each browser
-gets a random id kept in its local storage (``browser:ID``). Nothing a browser sends can name
-another owner: the id is only ever combined with the login (when there is one) on the server.
+is ``browser:ID`` with a random ID.
+
+Where the ID lives: an HttpOnly, SameSite=Strict cookie that `parley serve` sets on the first page
+it sends (``install_browser_cookie``), so it exists before the page runs any event (no race with
+a page-load handler), page scripts cannot read it, and other sites' pages cannot send it. Where
+the app runs without that middleware (``demo.launch`` on a Space), the ID is kept in the
+browser's local storage instead (``BrowserState``), made by the page-load event.
 """
 
 from __future__ import annotations
@@ -33,8 +38,34 @@ def hf_username(request: gr.Request | None) -> str | None:
     return (info.get("userinfo") or {}).get("preferred_username")
 
 
+COOKIE = "parley_browser"
+
+
 def new_browser_id() -> str:
     return secrets.token_urlsafe(18)
+
+
+def browser_cookie(request: gr.Request | None) -> str | None:
+    """The browser id from the HttpOnly cookie, when the request has a valid one."""
+    raw = getattr(request, "request", None)
+    value = getattr(raw, "cookies", {}).get(COOKIE) if raw is not None else None
+    return value if isinstance(value, str) and _valid(value) else None
+
+
+def _valid(browser_id: str) -> bool:
+    return 16 <= len(browser_id) <= 64 and all(c.isalnum() or c in "-_" for c in browser_id)
+
+
+def install_browser_cookie(app) -> None:
+    """Give every browser that has none an id cookie (FastAPI/Starlette middleware)."""
+    @app.middleware("http")
+    async def browser_id_cookie(request, call_next):
+        response = await call_next(request)
+        current = request.cookies.get(COOKIE)
+        if not request.url.path.startswith("/v1") and not (current and _valid(current)):
+            response.set_cookie(COOKIE, new_browser_id(), max_age=400 * 86400, httponly=True, samesite="strict",
+                                path="/")
+        return response
 
 
 @dataclass
@@ -46,6 +77,7 @@ class Session:
     def identity(self, request: gr.Request | None, browser_id: str | None) -> Identity:
         """The identity of an event; gr.Error when it has none (the page shows the reason)."""
         username = getattr(request, "username", None) if request is not None else None
+        browser_id = browser_cookie(request) or browser_id
         try:
             return self.access.web_identity(username, browser_id, hf_user=hf_username(request))
         except UnauthorizedError as exc:
@@ -55,7 +87,7 @@ class Session:
     def identity_or_new(self, request: gr.Request | None, browser_id: str | None) -> tuple[Identity, str]:
         """For events that may be a visitor's very first (sending before the page-load event that
         makes the id has finished): make the id now; the event must return it to browser_id."""
-        if not self.access.login_required:
+        if not self.access.login_required and not browser_cookie(request):
             browser_id = ensure_browser_id(browser_id)
         return self.identity(request, browser_id), browser_id or ""
 
@@ -67,6 +99,6 @@ def make_session(access: Access) -> Session:
 
 def ensure_browser_id(browser_id: str | None) -> str:
     """The browser's id, made on its first visit (a demo.load handler; its output is browser_id)."""
-    if isinstance(browser_id, str) and 16 <= len(browser_id) <= 64:
+    if isinstance(browser_id, str) and _valid(browser_id):
         return browser_id
     return new_browser_id()
