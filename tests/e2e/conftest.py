@@ -11,15 +11,16 @@ printed and written to bench/results/feature_matrix.json and .md.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.feature_matrix_helpers import (FEATURES, FRONTENDS, MAX_TOKENS, NOT_OFFERED, OFFERED,
-                                              BrowserChat, DiscordDriver, Repl, StoreReader, build_home,
-                                              parley_serve, run_cli, slack_driver)
+from tests.e2e.feature_matrix_helpers import (CLI_RUNS, FEATURES, FRONTENDS, MAX_TOKENS, NOT_OFFERED,
+                                              BrowserChat, DiscordDriver, Home, Repl, StoreReader, parley_serve,
+                                              run_cli, slack_driver)
 
 _RESULTS = pytest.StashKey[dict]()
 _STARTED = pytest.StashKey[float]()
@@ -135,13 +136,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # -- the server and the drivers -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def matrix_home(tmp_path_factory, embedded_home) -> Path:
-    return build_home(tmp_path_factory.mktemp("feature-matrix") / "home", embedded_home)
+def _matrix_home(tmp_path_factory, embedded_home):
+    home = Home(tmp_path_factory.mktemp("feature-matrix") / "home", embedded_home)
+    yield home
+    home.close()
 
 
 @pytest.fixture(scope="session")
-def matrix_server(matrix_home):
-    with parley_serve(matrix_home) as server:
+def matrix_home(_matrix_home) -> Path:
+    """The PARLEY_HOME, its documents indexed."""
+    return _matrix_home.ready()
+
+
+@pytest.fixture(scope="session")
+def matrix_server(_matrix_home):
+    with parley_serve(_matrix_home) as server:  # starts while the documents are being indexed
         yield server
 
 
@@ -173,21 +182,27 @@ def matrix_gradio(matrix_server):
 
 
 class TerminalDriver:
-    """`parley chat` runs; one interactive REPL shared by the cells that type into it."""
+    """The one-shot `parley chat` runs (CLI_RUNS) and one interactive REPL shared by the cells
+    that type into it. All of them start at once: each spends most of its time loading."""
 
     REPL_ARGS = ["--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)]
 
     def __init__(self, home: Path):
         self.home = home
         self.store = StoreReader(home / "parley.db")
+        self._pool = concurrent.futures.ThreadPoolExecutor(len(CLI_RUNS), thread_name_prefix="parley-chat")
+        self._runs = {name: self._pool.submit(run_cli, home, args, stdin=stdin)
+                      for name, (args, stdin) in CLI_RUNS.items()}
+        self._starting: Repl | None = Repl(home, self.REPL_ARGS)
         self._repl: Repl | None = None
 
-    def once(self, args, stdin: str | None = None):
-        return run_cli(self.home, args, stdin=stdin)
+    def once(self, name: str):
+        """The finished one-shot run ``name`` of CLI_RUNS."""
+        return self._runs[name].result(timeout=300)
 
     def repl(self) -> Repl:
         if self._repl is None:
-            repl = Repl(self.home, self.REPL_ARGS)
+            repl, self._starting = self._starting or Repl(self.home, self.REPL_ARGS), None
             try:
                 repl.read_until_prompt(timeout=180)
             except BaseException:
@@ -197,8 +212,10 @@ class TerminalDriver:
         return self._repl
 
     def close(self) -> None:
-        if self._repl is not None:
-            self._repl.close()
+        for repl in (self._repl, self._starting):
+            if repl is not None:
+                repl.close()
+        self._pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="session")

@@ -120,21 +120,46 @@ def make_lora_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def build_home(home: Path, embedded_home: Path) -> Path:
+class Home:
     """A throw-away PARLEY_HOME: models/ reuses the converted embedded model, a LoRA adapter in
-    adapters/, and the two documents indexed with `parley index add`."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to((embedded_home / "models").resolve(), target_is_directory=True)
-    make_lora_adapter(home / "models" / "smollm2-135m", home / "adapters" / ADAPTER)
-    docs = home / "docs"
-    docs.mkdir()
-    for name, text in DOCS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    done = subprocess.run([*parley_command(), "index", "add", str(docs)], env=child_env(home),
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"`parley index add` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return home
+    adapters/, and the two documents being indexed with `parley index add` (in the background, so
+    a server can start meanwhile: ``ready()`` waits for it)."""
+
+    def __init__(self, path: Path, embedded_home: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "models").symlink_to((embedded_home / "models").resolve(), target_is_directory=True)
+        docs = path / "docs"
+        docs.mkdir()
+        for name, text in DOCS.items():
+            (docs / name).write_text(text, encoding="utf-8")
+        self._log = open(path / "index.log", "w")
+        self._index = subprocess.Popen([*parley_command(), "index", "add", str(docs)], env=child_env(path),
+                                       stdout=self._log, stderr=subprocess.STDOUT)
+        try:  # while the index builds
+            make_lora_adapter(path / "models" / "smollm2-135m", path / "adapters" / ADAPTER)
+        except BaseException:
+            self.close()
+            raise
+
+    def ready(self, timeout: float = 300.0) -> Path:
+        """The home, once the documents are indexed; RuntimeError with the output otherwise."""
+        try:
+            code = self._index.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._index.kill()
+            code = "timeout"
+        self._log.flush()
+        if code != 0:
+            output = (self.path / "index.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"`parley index add` failed ({code}):\n{output}")
+        return self.path
+
+    def close(self) -> None:
+        if self._index.poll() is None:
+            self._index.kill()
+            self._index.wait(5)
+        self._log.close()
 
 
 def free_port() -> int:
@@ -160,18 +185,21 @@ class Server:
 
 
 @contextlib.contextmanager
-def parley_serve(home: Path, timeout: float = 180.0):
-    """`parley serve` on a free loopback port with PARLEY_HOME=home; yields a Server, always stops it."""
+def parley_serve(home: Home, timeout: float = 180.0):
+    """`parley serve` on a free loopback port with PARLEY_HOME=home; yields a Server once it is
+    healthy and the documents are indexed; always stops it."""
     import httpx
 
     port = free_port()
-    log = home / "serve.log"
+    home_dir = home.path
+    log = home_dir / "serve.log"
     out = open(log, "w")
     process = subprocess.Popen([*parley_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
-                                "--max-new-tokens", str(MAX_TOKENS)], env=child_env(home), stdout=out,
+                                "--max-new-tokens", str(MAX_TOKENS)], env=child_env(home_dir), stdout=out,
                                stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", home, process, log)
+    server = Server(f"http://127.0.0.1:{port}", home_dir, process, log)
     try:
+        home.ready()
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
@@ -273,8 +301,10 @@ class StoreReader:
                     return t
             return None
 
-        return wait_until(f"a stored {source or ''} turn for {user_text!r}", probe, timeout,
-                          detail=lambda: f"turns since then: {[(t.source, t.user_text[:40]) for t in self.turns(since=since)]}")
+        def seen() -> str:
+            return f"turns since then: {[(t.source, t.finish_reason, t.user_text[:40]) for t in self.turns(since=since)]}"
+
+        return wait_until(f"a finished {source or ''} turn for {user_text!r}", probe, timeout, detail=seen)
 
     def feedback(self, turn_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self._rows("SELECT * FROM feedback WHERE turn_id = ? ORDER BY id", (turn_id,))]
@@ -288,10 +318,20 @@ class CliRun:
     returncode: int
     chunks: list[tuple[float, str]] = field(default_factory=list)
     """(seconds since start, text) of each read from stdout, for streaming checks."""
+    started_at: float = 0.0
+    """time.time() when it started (its turn is stored after that)."""
+
+
+CLI_RUNS: dict[str, tuple[list[str], str | None]] = {
+    "message": (["chat", "--message", PARIS_Q, "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)], None),
+    "piped": (["chat", "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)], STREAM_Q),
+}
+"""The one-shot `parley chat` runs of the terminal cells: name -> (arguments, stdin)."""
 
 
 def run_cli(home: Path, args: list[str], *, stdin: str | None = None, timeout: float = 180.0) -> CliRun:
     """Run `parley chat ...` to the end, recording when each piece of stdout arrived."""
+    started_at = time.time()
     proc = subprocess.Popen([*parley_command(), *args], env=child_env(home), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err: list[bytes] = []
@@ -323,7 +363,8 @@ def run_cli(home: Path, args: list[str], *, stdin: str | None = None, timeout: f
             proc.kill()
             proc.wait(5)
     reader.join(10)
-    return CliRun(raw.decode(errors="replace"), b"".join(err).decode(errors="replace"), proc.returncode, chunks)
+    return CliRun(raw.decode(errors="replace"), b"".join(err).decode(errors="replace"), proc.returncode, chunks,
+                  started_at)
 
 
 class Repl:

@@ -65,8 +65,7 @@ import pytest
 
 from tests.e2e.feature_matrix_helpers import (ADAPTER, FEATURES, FRONTENDS, MAX_TOKENS, NOT_OFFERED, OFFERED,
                                               PARIS_Q, RAG_Q, ROUTED_TRANSLATE, SEARCH_CMD, SENTIMENT_CMD,
-                                              STREAM_Q, TRANSLATE_CMD, StoredTurn, StoreReader, unique,
-                                              wait_until)
+                                              STREAM_Q, TRANSLATE_CMD, StoredTurn, wait_until)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -344,17 +343,16 @@ def _cli_turn(t, text: str, since: float) -> StoredTurn:
 
 @cell("plain-chat", "terminal")
 def _(t):
-    since = time.time()
-    run = t.once(["chat", "--message", PARIS_Q, "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)])
+    run = t.once("message")  # parley chat --message "What is the capital of France?"
     assert run.returncode == 0, f"terminal: exit {run.returncode}; stderr: {run.stderr[-800:]}"
     has_paris(run.stdout, "terminal")
-    clean(_cli_turn(t, PARIS_Q, since), "terminal")
+    clean(_cli_turn(t, PARIS_Q, run.started_at), "terminal")
 
 
 @cell("streaming", "terminal")
 def _(t):
-    since = time.time()
-    run = t.once(["chat", "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)], stdin=STREAM_Q)  # piped
+    run = t.once("piped")  # the question piped on stdin
+    since = run.started_at
     assert run.returncode == 0, f"terminal: exit {run.returncode}; stderr: {run.stderr[-800:]}"
     texts = [c for _, c in run.chunks if c.strip()]
     assert len(texts) >= 3, f"terminal: stdout came in {len(texts)} pieces, not streamed: {run.chunks}"
