@@ -57,8 +57,8 @@ def build_compare_tab(runtime: Runtime, session: Session) -> None:
     prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Ask something both should answer",
                         elem_id="parley-compare-prompt")
     with gr.Row():
-        max_tokens = gr.Slider(8, runtime.settings.max_new_tokens_cap, value=min(128, runtime.settings.max_new_tokens_cap),
-                               step=1, label="Max new tokens")
+        cap = runtime.settings.max_new_tokens_cap
+        max_tokens = gr.Slider(min(8, cap - 1), cap, value=min(128, cap), step=1, label="Max new tokens")
         generate = gr.Button("Generate both", variant="primary", elem_id="parley-compare-go")
     with gr.Row():
         with gr.Column():
