@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from bot.errors import NotFoundError, RequestError
-from bot.owners import ForbiddenError, Identity, owner_slug
+from bot.owners import Identity, owner_slug
 
 log = logging.getLogger(__name__)
 

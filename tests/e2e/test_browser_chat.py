@@ -7,11 +7,9 @@ import time
 import pytest
 
 from bot.api import create_app
+from tests.browser import CHROMIUM, FLAGS, launch, send  # noqa: F401  (re-exported for other tests)
 from tests.helpers import build_test_runtime, running_server
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic"]
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +27,12 @@ def page(tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = launch(p)
         context = browser.new_context()
         page = context.new_page()
         page.set_default_timeout(30_000)
         yield page
         browser.close()
-
-
-def send(page, text):
-    page.locator("#parley-input textarea").fill(text)
-    page.locator("#parley-send").click()
 
 
 def wait_for_turns(runtime, n, timeout=30):

@@ -6,12 +6,10 @@ import pytest
 
 from bot.api import create_app
 from bot.preferences import Preferences
+from tests.browser import launch
 from tests.helpers import build_test_runtime, running_server
 from tests.tiny import make_tiny_adapter
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def test_blind_compare_and_vote(app_url, tmp_path):
 
     url, runtime = app_url
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = launch(p)
         page = browser.new_context().new_page()
         page.set_default_timeout(60_000)
         page.goto(url + "/")

@@ -12,11 +12,9 @@ import time
 import pytest
 
 from bot.api import create_app
+from tests.browser import launch, send
 from tests.helpers import build_test_runtime, running_server
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic"]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +23,6 @@ def app_url(tiny_model_dir, tmp_path_factory):
     with running_server(create_app(runtime)) as url:
         yield url, runtime
     runtime.engine.close()
-
-
-def send(page, text):
-    page.locator("#parley-input textarea").fill(text)
-    page.locator("#parley-send").click()
 
 
 def conversation_of(store, text, timeout=60):
@@ -47,7 +40,7 @@ def test_two_browsers_never_see_each_others_chats(app_url, tmp_path):
 
     url, runtime = app_url
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = launch(p)
         alice, bob = browser.new_context().new_page(), browser.new_context().new_page()
         for page in (alice, bob):
             page.set_default_timeout(30_000)
