@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from finetune import runs
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -86,9 +87,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, *, home: Path, model:
     (tmp / "parley_merged.json").write_text(json.dumps({
         "base_model": spec, "adapter": str(adapter_dir.resolve()), "merged_at": time.time(),
         "dtype": str(next(merged.parameters()).dtype)}, indent=2))
-    if output.exists():
-        shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, output)
+    runs.replace_dir(tmp, output)  # the old folder is removed only once the new one is in place
     log.info("merged %s into %s -> %s", adapter_dir, spec, output)
     return output
