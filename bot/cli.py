@@ -17,7 +17,8 @@ from bot.errors import ParleyError
 # Settings a user may type as flags on the chat/serve verbs; None means "not typed".
 SETTING_FLAGS = ("model", "device", "dtype", "system_prompt", "max_new_tokens", "max_new_tokens_cap",
                  "max_generation_time_s", "context_window", "max_batch_size", "host", "port", "api_key",
-                 "api_keys", "auth", "admins", "insecure_public", "allowed_hosts", "queue_size", "max_request_bytes")
+                 "api_keys", "auth", "admins", "insecure_public", "allowed_hosts", "queue_size", "max_request_bytes",
+                 "backend", "base_url", "backend_api_key")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
@@ -33,6 +34,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, server: bool = False) 
     parser.add_argument("--system-prompt", dest="system_prompt")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     parser.add_argument("--context-window", dest="context_window", type=int)
+    parser.add_argument("--backend", choices=["auto", "transformers", "llama.cpp", "openai"],
+                        help="what generates: auto (llama.cpp on a CPU for GGUF models), transformers, llama.cpp, "
+                             "or openai (an OpenAI-compatible server at --base-url)")
+    parser.add_argument("--base-url", dest="base_url", help="the openai backend's server, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--backend-api-key", dest="backend_api_key",
+                        help="bearer key for --base-url (or PARLEY_BACKEND_API_KEY)")
     if server:
         parser.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 makes it public)")
         parser.add_argument("--port", type=int)

@@ -70,6 +70,15 @@ class Settings:
     """Largest accepted HTTP request body."""
     queue_size: int = 64
     """Requests waiting beyond this get a prompt `queue full` error."""
+    backend: str = "auto"
+    """Which engine generates: `transformers`, `llama.cpp` (GGUF files, fast on a CPU), `openai` (any
+    OpenAI-compatible server at --base-url: vLLM, llama-server, TGI, Ollama...) or `auto` (llama.cpp on
+    a CPU when the model is a GGUF file or the embedded default and llama-cpp-python is installed;
+    transformers otherwise)."""
+    base_url: str = ""
+    """The OpenAI-compatible API the `openai` backend talks to, e.g. `http://127.0.0.1:8000/v1`."""
+    backend_api_key: str = ""
+    """Bearer key the `openai` backend sends to --base-url (PARLEY_BACKEND_API_KEY); empty sends none."""
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
@@ -86,6 +95,13 @@ class Settings:
             problems.append(f"max_generation_time_s={self.max_generation_time_s!r}: must be > 0")
         if self.context_window < 0:
             problems.append(f"context_window={self.context_window!r}: use 0 (model's own) or more")
+        if self.backend not in ("auto", "transformers", "llama.cpp", "openai"):
+            problems.append(f"backend={self.backend!r}: use auto, transformers, llama.cpp or openai")
+        if self.backend == "openai" and not self.base_url:
+            problems.append("backend=openai needs base_url: the server's OpenAI API, e.g. --base-url "
+                            "http://127.0.0.1:8000/v1")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            problems.append(f"base_url={self.base_url!r}: give an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1")
         if not (0 < self.port < 65536):
             problems.append(f"port={self.port!r}: must be between 1 and 65535")
         from bot.owners import Access

@@ -3,6 +3,13 @@
 Every caller (CLI, API, UI, Slack, Discord, tools) goes through ``Engine.stream``, which yields
 ``TextDelta`` events and ends with one ``Done`` (finish reason + usage).
 
+``BatchEngine`` is the part every local backend shares: the queue and its admission (queue full is
+a ``BusyError`` at once), cancellation, the caps on tokens and time, stop strings, incremental
+detokenization, adapter versions and ``health()``. ``Engine`` below is the transformers backend and
+the reference; ``bot.backends.llamacpp.LlamaCppEngine`` is the llama.cpp one. A subclass supplies
+the worker loop (``_run``) and how adapter weights are installed and freed (``_install``,
+``_discard``); everything a caller sees is defined here once.
+
 How concurrency works: a single worker thread owns the model. New requests are prefilled one at a
 time (batch 1, so their prompt never sees padding), and their key/value cache is then merged into
 one running batch that decodes a token for every active conversation per forward pass. Rows are
@@ -99,29 +106,36 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     text: str = ""  # decoded reply so far
     emitted: int = 0  # characters of ``text`` already sent
-    prefix_offset: int = 0  # incremental detokenization window (see Engine._flush)
+    prefix_offset: int = 0  # incremental detokenization window (see BatchEngine._flush)
     read_offset: int = 0
     first_token_at: float | None = None
-    generator: torch.Generator | None = None
+    generator: Any = None  # the request's own random generator when it has a seed
     position: int = 0  # position id of the next token
+    slot: int = -1  # a backend's handle for the row (llama.cpp: its sequence id)
+    fed: int = 0  # prompt tokens already in the row's cache (backends that prefill in chunks)
     peft_name: str | None = None  # the internal adapter version this request runs on (None: base)
     finished: bool = False
 
 
-class Engine:
-    """A loaded model behind a batching scheduler. Thread-safe; one per process is plenty."""
+class BatchEngine:
+    """The scheduler every local backend shares. Thread-safe; one per process is plenty.
 
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 16, max_new_tokens_cap: int = 2048,
-                 max_time_s: float = 120.0, context_window: int = 0, queue_size: int = 64):
-        self.loaded = loaded
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.device = torch.device(loaded.device)
+    Subclasses set their model up, then call ``super().__init__``, which starts the worker thread
+    running ``self._run``. They implement ``_run`` (admit requests with ``_take``, decode, feed
+    sampled tokens to ``_accept``, end failed rows with ``_failed``), ``_install``/``_discard``
+    (adapter weights under an internal version name) and ``_eos_ids``.
+    """
+
+    backend = "base"
+
+    def __init__(self, tokenizer, *, name: str, context_window: int, max_batch_size: int = 16,
+                 max_new_tokens_cap: int = 2048, max_time_s: float = 120.0, queue_size: int = 64):
+        self.tokenizer = tokenizer
+        self._name = name
         self.max_batch_size = max_batch_size
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_time_s = max_time_s
-        model_limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.context_window = min(context_window, model_limit) if context_window else model_limit
+        self.context_window = context_window
         self.adapters: dict[str, str] = {}  # public name -> folder, what callers list and pick from
         self.queue_size = queue_size
         self.eos_ids = self._eos_ids()
@@ -132,24 +146,25 @@ class Engine:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._pending: collections.deque[_Request] = collections.deque()
-        self._live: dict[str, str] = {}        # public adapter name -> internal peft adapter name
+        self._live: dict[str, str] = {}        # public adapter name -> internal adapter version name
         self._users: dict[str, int] = {}       # internal name -> requests bound to it (queued or running)
         self._retired: set[str] = set()        # internal names no longer public, freed when unused
         self._doomed: list[str] = []           # retired and unused: the worker deletes them
-        self._installed: set[str] = set()      # internal names present in the peft model
+        self._installed: set[str] = set()      # internal names present in the model
         self._versions = itertools.count(1)
         self._active_rows = 0
+        self._steps = 0  # forward passes since start (health(); tests count them around a cancel)
         self._errors = 0
         self._last_error: dict[str, Any] | None = None
         self._heartbeat = time.monotonic()
         self._closed = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="parley-engine", daemon=True)
+        self._worker = threading.Thread(target=self._run, name=f"parley-{self.backend}", daemon=True)
         self._worker.start()
 
     # -- public API ------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.loaded.name
+        return self._name
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter under ``name``; takes effect for the next request that names it.
@@ -163,10 +178,14 @@ class Engine:
         if name == BASE or not name:
             raise RequestError(f"adapter name {name!r} is reserved: pick another name")
         folder = validate_adapter_dir(path)
+        try:  # slow work (a conversion) happens here, outside the lock
+            weights = self._prepare_adapter(name, folder)
+        except Exception as exc:
+            raise RequestError(f"could not load adapter {name!r} from {folder}: {exc}") from exc
         with self._model_lock:
             internal = f"parley_{next(self._versions)}"
             try:
-                self._install(internal, str(folder))
+                self._install(internal, weights)
             except Exception as exc:
                 self._discard(internal)
                 raise RequestError(f"could not load adapter {name!r} from {folder}: {exc}") from exc
@@ -178,6 +197,10 @@ class Engine:
                 unused = self._retire(old) if old else None
             if unused:
                 self._discard(unused)
+
+    def _prepare_adapter(self, name: str, folder) -> str:
+        """What ``_install`` loads for an adapter folder; backends that convert it do so here."""
+        return str(folder)
 
     def require_adapter(self, name: str) -> None:
         """Raise NotFoundError (HTTP 404) unless ``name`` is ``base`` or a loaded adapter."""
@@ -215,11 +238,12 @@ class Engine:
             last_error = dict(self._last_error) if self._last_error else None
             errors = self._errors
             adapters = sorted(self.adapters)
-        return {"ok": alive and not self._closed.is_set(), "worker_alive": alive,
+        return {"ok": alive and not self._closed.is_set(), "backend": self.backend, "worker_alive": alive,
                 "closed": self._closed.is_set(), "queue_depth": depth, "queue_size": self.queue_size,
                 "active_rows": self._active_rows, "max_batch_size": self.max_batch_size,
                 "adapters": adapters, "retiring_adapters": retiring, "errors": errors,
-                "last_error": last_error, "last_step_age_s": round(time.monotonic() - self._heartbeat, 3)}
+                "last_error": last_error, "last_step_age_s": round(time.monotonic() - self._heartbeat, 3),
+                "steps": self._steps}
 
     def prompt_ids(self, messages: list[Message], max_new_tokens: int, tools: list[dict] | None = None) -> list[int]:
         """Render and trim a conversation so the prompt plus the reply fit the context window."""
@@ -262,7 +286,7 @@ class Engine:
                            cancel=cancel or threading.Event(), out=queue.Queue(),
                            deadline=time.perf_counter() + self.max_time_s)
         if params.seed is not None:
-            request.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            request.generator = self._new_rng(params.seed)
         self._submit(request)
         events = self._events(request)
         # A stream dropped without being read to the end (or at all) gives its slot back.
@@ -349,18 +373,169 @@ class Engine:
         self._pending = collections.deque(r for r in self._pending if not r.cancel.is_set())
         return gone
 
-    def _take(self, room: int, *, wait: bool) -> list[_Request]:
-        """Up to ``room`` queued requests; waits up to 0.1 s for one only when ``wait``."""
+    def _take(self, room: int, *, wait: bool, admit=None) -> list[_Request]:
+        """Up to ``room`` queued requests, oldest first; waits up to 0.1 s for one only when ``wait``.
+
+        ``admit(request)``, when given, is asked about the oldest one before it is taken; False
+        leaves it (and those behind it, so order is kept) queued for a later round.
+        """
         with self._lock:
             if wait and not self._pending:
                 self._wakeup.wait(timeout=0.1)
             gone = self._purge_cancelled()
-            new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            new = []
+            while len(new) < room and self._pending and (admit is None or admit(self._pending[0])):
+                new.append(self._pending.popleft())
         for request in gone:
             self._finish(request, "cancelled")
         return new
 
     # -- worker side -----------------------------------------------------------------------------
+    def _new_rng(self, seed: int) -> Any:
+        """A random generator of the backend's kind for a seeded request."""
+        raise NotImplementedError
+
+    def _eos_ids(self) -> set[int]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        """The worker loop: until ``_closed`` is set, admit, decode, stream; keep ``_heartbeat``,
+        ``_active_rows`` and ``_steps`` current; end the rows still running when it stops."""
+        raise NotImplementedError
+
+    def _install(self, internal: str, weights: str) -> None:
+        """Load adapter weights under an internal name (caller holds the model lock)."""
+        raise NotImplementedError
+
+    def _discard(self, internal: str) -> None:
+        """Free an adapter version, also one that failed half way through loading (caller holds
+        the model lock); never raises."""
+        raise NotImplementedError
+
+    def _failed(self, where: str, exc: Exception, requests: list[_Request]) -> None:
+        """Log a worker failure, remember it for health(), and end the affected requests."""
+        log.error("engine: %s failed for %d request(s)", where, len(requests), exc_info=exc)
+        with self._lock:
+            self._errors += 1
+            self._last_error = {"where": where, "type": type(exc).__name__, "at": time.time(),
+                                "requests": len(requests)}
+        for request in requests:
+            self._finish(request, "error", error=f"generation failed: {type(exc).__name__}")
+
+    # -- adapter versions --------------------------------------------------------------------------
+    def _retire(self, internal: str) -> str | None:
+        """``internal`` is no longer public; returns it when nothing uses it (caller holds _lock)."""
+        if self._users.get(internal, 0) == 0:
+            self._users.pop(internal, None)
+            return internal
+        self._retired.add(internal)
+        return None
+
+    def _release(self, request: _Request) -> None:
+        name, request.peft_name = request.peft_name, None
+        if not name:
+            return
+        with self._lock:
+            self._users[name] -= 1
+            if self._users[name] == 0 and name in self._retired:
+                self._retired.discard(name)
+                del self._users[name]
+                self._doomed.append(name)
+
+    def _free_retired(self) -> None:
+        """Delete adapter versions whose last row has finished (between steps, in the worker)."""
+        if not self._doomed:
+            return
+        with self._lock:
+            doomed, self._doomed = self._doomed, []
+        with self._model_lock:
+            for internal in doomed:
+                self._discard(internal)
+
+    def _should_stop(self, request: _Request) -> bool:
+        if request.cancel.is_set():
+            self._finish(request, "cancelled")
+            return True
+        if time.perf_counter() > request.deadline:
+            self._flush(request, final=True)
+            self._finish(request, "length")
+            return True
+        return False
+
+    def _accept(self, request: _Request, token: int) -> bool:
+        """Record a sampled token, stream new text; False when the request is finished."""
+        now = time.perf_counter()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        if token in self.eos_ids:
+            self._flush(request, final=True)
+            self._finish(request, "stop")
+            return False
+        request.generated.append(token)
+        if self._flush(request, final=False):
+            self._finish(request, "stop")
+            return False
+        if len(request.generated) >= request.params.max_new_tokens:
+            self._flush(request, final=True)
+            self._finish(request, "length")
+            return False
+        return True
+
+    def _flush(self, request: _Request, *, final: bool) -> bool:
+        """Send the text decoded since the last flush. True when a stop string was reached.
+
+        Text that might be the start of a multi-byte character or of a stop string is held back
+        until the next token decides it, so a stop string never leaks to the client.
+        """
+        # Decode only a small window of recent tokens: a token's text can depend on its neighbours
+        # (byte pieces, leading spaces), so decode [prefix:read] and [prefix:] and keep the
+        # difference, as text-generation-inference does. This keeps each step O(1) in reply length.
+        ids = request.generated
+        before = self.tokenizer.decode(ids[request.prefix_offset:request.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[request.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            request.text += after[len(before):]
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+        safe, stopped = stop_boundary(request.text, request.emitted, request.params.stop, final=final)
+        if safe > request.emitted:
+            request.out.put(TextDelta(request.text[request.emitted:safe]))
+            request.emitted = safe
+        return stopped
+
+    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+        """End a request with its one Done event (idempotent) and release its adapter version."""
+        if request.finished:
+            return
+        request.finished = True
+        self._release(request)
+        now = time.perf_counter()
+        usage = Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.generated),
+                      time_to_first_token_s=(request.first_token_at - request.submitted) if request.first_token_at else None,
+                      total_time_s=now - request.submitted)
+        request.out.put(Done(finish_reason=reason, usage=usage, error=error,  # type: ignore[arg-type]
+                             status=500 if reason == "error" else 200))
+
+
+class Engine(BatchEngine):
+    """The transformers backend (the reference, and what training uses): a loaded model behind
+    the batching scheduler. Thread-safe; one per process is plenty."""
+
+    backend = "transformers"
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 16, max_new_tokens_cap: int = 2048,
+                 max_time_s: float = 120.0, context_window: int = 0, queue_size: int = 64):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = torch.device(loaded.device)
+        model_limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        super().__init__(loaded.tokenizer, name=loaded.name,
+                         context_window=min(context_window, model_limit) if context_window else model_limit,
+                         max_batch_size=max_batch_size, max_new_tokens_cap=max_new_tokens_cap,
+                         max_time_s=max_time_s, queue_size=queue_size)
+
+    def _new_rng(self, seed: int):
+        return torch.Generator(device="cpu").manual_seed(seed)
+
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
@@ -456,17 +631,6 @@ class Engine:
             active = [active[i] for i in still]
         return active, cache, mask
 
-    def _failed(self, where: str, exc: Exception, requests: list[_Request]) -> None:
-        """Log a worker failure, remember it for health(), and end the affected requests."""
-        log.error("engine: %s failed for %d request(s)", where, len(requests), exc_info=exc)
-        with self._lock:
-            self._errors += 1
-            self._last_error = {"where": where, "type": type(exc).__name__, "at": time.time(),
-                                "requests": len(requests)}
-        for request in requests:
-            self._finish(request, "error", error=f"generation failed: {type(exc).__name__}")
-
-    # -- adapter versions --------------------------------------------------------------------------
     def _install(self, internal: str, folder: str) -> None:
         """Load adapter weights under an internal name (caller holds the model lock)."""
         from peft import PeftModel
@@ -503,35 +667,6 @@ class Engine:
         except Exception:
             log.exception("could not free adapter version %s", internal)
 
-    def _retire(self, internal: str) -> str | None:
-        """``internal`` is no longer public; returns it when nothing uses it (caller holds _lock)."""
-        if self._users.get(internal, 0) == 0:
-            self._users.pop(internal, None)
-            return internal
-        self._retired.add(internal)
-        return None
-
-    def _release(self, request: _Request) -> None:
-        name, request.peft_name = request.peft_name, None
-        if not name:
-            return
-        with self._lock:
-            self._users[name] -= 1
-            if self._users[name] == 0 and name in self._retired:
-                self._retired.discard(name)
-                del self._users[name]
-                self._doomed.append(name)
-
-    def _free_retired(self) -> None:
-        """Delete adapter versions whose last row has finished (between steps, in the worker)."""
-        if not self._doomed:
-            return
-        with self._lock:
-            doomed, self._doomed = self._doomed, []
-        with self._model_lock:
-            for internal in doomed:
-                self._discard(internal)
-
     def _adapter_kwargs(self, requests: list[_Request]) -> dict[str, Any]:
         if not self._installed:
             return {}
@@ -539,6 +674,7 @@ class Engine:
 
     def _prefill(self, request: _Request):
         ids = torch.tensor([request.prompt_ids], device=self.device)
+        self._steps += 1
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self._adapter_kwargs([request]))
         request.position = len(request.prompt_ids)
         token = self._sample(out.logits[:, -1, :].float(), [request])[0]
@@ -550,6 +686,7 @@ class Engine:
         # Without padding (one row, or rows of equal length) the causal mask is implied; skipping
         # it saves building a 4-D mask every step.
         attention = None if bool(mask.all()) else torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        self._steps += 1
         out = self.model(input_ids=last, attention_mask=attention, position_ids=positions,
                          cache=cache, use_cache=True, **self._adapter_kwargs(active))
         for r in active:
@@ -584,79 +721,25 @@ class Engine:
             tokens[i] = int(torch.multinomial(probs, 1, generator=request.generator))
         return tokens
 
-    def _should_stop(self, request: _Request) -> bool:
-        if request.cancel.is_set():
-            self._finish(request, "cancelled")
-            return True
-        if time.perf_counter() > request.deadline:
-            self._flush(request, final=True)
-            self._finish(request, "length")
-            return True
-        return False
 
-    def _accept(self, request: _Request, token: int) -> bool:
-        """Record a sampled token, stream new text; False when the request is finished."""
-        now = time.perf_counter()
-        if request.first_token_at is None:
-            request.first_token_at = now
-        if token in self.eos_ids:
-            self._flush(request, final=True)
-            self._finish(request, "stop")
-            return False
-        request.generated.append(token)
-        if self._flush(request, final=False):
-            self._finish(request, "stop")
-            return False
-        if len(request.generated) >= request.params.max_new_tokens:
-            self._flush(request, final=True)
-            self._finish(request, "length")
-            return False
-        return True
+def stop_boundary(text: str, emitted: int, stops: Sequence[str], *, final: bool) -> tuple[int, bool]:
+    """How much of ``text`` may be sent, and whether a stop string was reached.
 
-    def _flush(self, request: _Request, *, final: bool) -> bool:
-        """Send the text decoded since the last flush. True when a stop string was reached.
-
-        Text that might be the start of a multi-byte character or of a stop string is held back
-        until the next token decides it, so a stop string never leaks to the client.
-        """
-        # Decode only a small window of recent tokens: a token's text can depend on its neighbours
-        # (byte pieces, leading spaces), so decode [prefix:read] and [prefix:] and keep the
-        # difference, as text-generation-inference does. This keeps each step O(1) in reply length.
-        ids = request.generated
-        before = self.tokenizer.decode(ids[request.prefix_offset:request.read_offset], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids[request.prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            request.text += after[len(before):]
-            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
-        text = request.text
-        stop_at = min((i for i in (text.find(s, max(0, request.emitted - len(s))) for s in request.params.stop)
-                       if i >= 0), default=-1)
-        if stop_at >= 0:
-            text, final = text[:stop_at], True
-        safe = len(text)
-        if not final:
-            for s in request.params.stop:
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
-        if safe > request.emitted:
-            request.out.put(TextDelta(text[request.emitted:safe]))
-            request.emitted = safe
-        return stop_at >= 0
-
-    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
-        """End a request with its one Done event (idempotent) and release its adapter version."""
-        if request.finished:
-            return
-        request.finished = True
-        self._release(request)
-        now = time.perf_counter()
-        usage = Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.generated),
-                      time_to_first_token_s=(request.first_token_at - request.submitted) if request.first_token_at else None,
-                      total_time_s=now - request.submitted)
-        request.out.put(Done(finish_reason=reason, usage=usage, error=error,  # type: ignore[arg-type]
-                             status=500 if reason == "error" else 200))
+    ``emitted`` characters were sent already. A stop string found in the text ends the reply just
+    before it (True). Otherwise, unless ``final``, a tail that could be the start of a stop string
+    is held back until more text decides it, so a stop string never leaks to the client.
+    """
+    stop_at = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), default=-1)
+    if stop_at >= 0:
+        return stop_at, True
+    safe = len(text)
+    if not final:
+        for s in stops:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+    return safe, False
 
 
 def _merge(cache, mask, row_cache, row_len: int):

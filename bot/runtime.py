@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.assistant import Assistant
+from bot.backends import create_engine
 from bot.config import Settings
 from bot.engine import Engine
 from bot.jobs import TrainingJobs
-from bot.models import load_model
 from bot.owners import Access
 from bot.store import Store
 
@@ -62,11 +62,8 @@ def build_tools(engine: Engine, settings: Settings, documents=None):
 def build_runtime(settings: Settings, *, progress: bool = True, with_tools: bool = True,
                   auto_adapters: bool = True) -> Runtime:
     started = time.perf_counter()
-    loaded = load_model(settings.model, settings.home, device=settings.device, dtype=settings.dtype,
-                        progress=progress)
-    engine = Engine(loaded, max_batch_size=settings.max_batch_size, max_new_tokens_cap=settings.max_new_tokens_cap,
-                    max_time_s=settings.max_generation_time_s, context_window=settings.context_window,
-                    queue_size=settings.queue_size)
+    # settings.backend picks transformers, llama.cpp or an OpenAI-compatible server (bot/backends).
+    engine = create_engine(settings, progress=progress)
     adapters = {**(discover_adapters(settings.home) if auto_adapters else {}), **settings.adapters}
     for name, path in adapters.items():
         try:
