@@ -68,6 +68,7 @@ _KEEP_ATTRS = frozenset("""title lang dir align valign width height colspan rows
 reversed type value open datetime span nowrap role""".split())
 _SAFE_STYLE = re.compile(r"^[\w\s:;#%.,!+-]*$")  # no url(), image-set(), escapes, comments, quotes
 _HTML_SPACE = " \t\n\r\f"
+_MAX_TAG = 2000  # longer "tags" are shown as text: keeps the scan linear, and no real tag is that long
 # Attributes that make a browser load a URL (or run code) by themselves, on any element.
 _URL_ATTRS = frozenset("""src srcset srcdoc poster background data action formaction lowsrc dynsrc codebase
 archive classid longdesc manifest icon profile ping content href""".split())
@@ -119,9 +120,12 @@ def _parse_tag(text: str, start: int):
     """Read the tag at ``text[start] == "<"`` as an HTML tokenizer does.
 
     Returns (end, closing, name, attributes) with attributes as (name, raw value or None), or
-    None when ``<`` does not start a complete tag (the tokenizer would wait for more input).
+    None when ``<`` does not start a complete tag within ``_MAX_TAG`` characters (the tokenizer
+    would wait for more input). The caller shows a ``<`` whose tag runs longer as text.
     """
-    n = len(text)
+    n = min(len(text), start + _MAX_TAG)
+    if text.find(">", start, n) < 0:  # cheap: most "<" in prose and code end no tag
+        return None
     pos = start + 1
     closing = pos < n and text[pos] == "/"
     if closing:
@@ -155,7 +159,7 @@ def _parse_tag(text: str, start: int):
             if pos >= n:
                 return None
             if text[pos] in "\"'":
-                close = text.find(text[pos], pos + 1)
+                close = text.find(text[pos], pos + 1, n)
                 if close < 0:
                     return None
                 value, pos = text[pos + 1:close], close + 1
@@ -281,10 +285,13 @@ def _sanitize_html(text: str) -> str:
             continue
         tag = _parse_tag(text, j)
         if tag is None:
-            # Not a complete tag, so nothing can load from it here; show a risky one as text in
-            # case something appended later completes it, and keep reading right after the "<".
+            # Not a complete tag here. With no ">" anywhere after it, no reader can make it one
+            # (a risky name is still shown as text, in case something appended completes it);
+            # one that some reader might end later (an unclosed quote, or longer than _MAX_TAG)
+            # is shown as text. Reading goes on right after the "<" either way.
             name = re.match(r"</?([A-Za-z][^\s/>]*)", text[j:j + 40])
-            out.append("&lt;" if name and name.group(1).lower() in _RISKY_NAMES else "<")
+            risky = name is not None and (name.group(1).lower() in _RISKY_NAMES or text.find(">", j) >= 0)
+            out.append("&lt;" if risky else "<")
             i = j + 1
             continue
         end, closing, name, attrs = tag
@@ -330,28 +337,25 @@ def _defuse_diagrams(text: str) -> str:
 
 
 # -- 2. markdown images ----------------------------------------------------------------------------
-def _label_end(text: str, start: int) -> int:
-    """Index of the "]" closing the bracket at ``text[start] == "["`` (nesting and backslash
-    escapes counted; a blank line ends the search), or -1."""
-    depth = 0
-    i = start
-    n = len(text)
+def _bracket_pairs(text: str) -> dict[int, int]:
+    """Each "[" -> the "]" that closes it (nesting and backslash escapes counted; a blank line
+    closes nothing across it), in one pass."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
             i += 2
             continue
         if c == "[":
-            depth += 1
-        elif c == "]":
-            depth -= 1
-            if depth == 0:
-                return i
-        elif c == "\n" and text[i + 1:i + 2] == "\n" or text.startswith("\n\r\n", i) or \
-                (c == "\n" and re.match(r"\n[ \t]*\n", text[i:i + 64])):
-            return -1
+            stack.append(i)
+        elif c == "]" and stack:
+            pairs[stack.pop()] = i
+        elif c == "\n" and re.match(r"\n[ \t]*\r?\n", text[i:i + 64]):
+            stack.clear()
         i += 1
-    return -1
+    return pairs
 
 
 def _inline_target(text: str, start: int):
@@ -383,7 +387,7 @@ def _inline_target(text: str, start: int):
                 depth -= 1
             pos += 1
         dest = text[begin:min(pos, n)]
-    title = re.compile(r"""[ \t]*\n?[ \t]*(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\((?:[^()\\]|\\.)*\))?"""
+    title = re.compile(r"""[ \t]*\n?[ \t]*(?:"(?:[^"\\]|\\.){0,2000}"|'(?:[^'\\]|\\.){0,2000}'|\((?:[^()\\]|\\.){0,2000}\))?"""
                        r"[ \t]*\n?[ \t]*\)", re.DOTALL).match(text, pos)
     if not title:
         return None
@@ -393,6 +397,7 @@ def _inline_target(text: str, start: int):
 def _markdown_images(text: str, keep_local: bool = True) -> str:
     """Replace every markdown image except inline ones on the app's own origin (see above)."""
     out: list[str] = []
+    pairs = _bracket_pairs(text) if "![" in text else {}
     i = 0
     while True:
         j = text.find("![", i)
@@ -400,7 +405,7 @@ def _markdown_images(text: str, keep_local: bool = True) -> str:
             out.append(text[i:])
             return "".join(out)
         out.append(text[i:j])
-        close = _label_end(text, j + 1)
+        close = pairs.get(j + 1, -1)
         if close < 0:
             out.append("!\\[")  # no image can start here: make the bracket literal
             i = j + 2

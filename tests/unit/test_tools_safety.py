@@ -311,3 +311,16 @@ def test_discord_streamed_edits_keep_embeds_suppressed(tmp_path):
     assert mock.edits()
     for call in mock.edits():
         assert "flags" not in call.json or call.json["flags"] & 4, call.json
+
+
+def test_pathological_replies_are_sanitized_in_linear_time():
+    """The UI sanitizes the whole reply on every streamed update: no input may make that slow."""
+    import time
+
+    cases = ["![" * 4000, "<a " * 3000, "<a " * 3000 + ">", '<p title="' * 1000, "![x](/a \"" * 1000,
+             "<img " * 2000, "[" * 8000 + "!", "` " * 4000, "<script>" * 1000, "<!--" * 2000, "```\n" * 2000,
+             ('<b x="' + "y" * 50 + ' ![a](b "') * 200]
+    started = time.perf_counter()
+    for text in cases:
+        sanitize_markdown(text)
+    assert time.perf_counter() - started < 3.0  # about 0.1 s here; seconds each before the bounds
