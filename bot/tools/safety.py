@@ -16,21 +16,26 @@ Two jobs:
 How ``sanitize_markdown`` stays general rather than a list of known tricks:
 
 1. HTML is read the way a browser's tokenizer reads it (tag names and attributes up to the
-   real end of the tag, quotes included) and every tag is written out again: tags outside a
-   small set of formatting tags are dropped (their text stays), elements that load or run
-   things (script, style, svg, iframe, object, video...) go with their content, ``<img>``
-   becomes ``[image: alt]``, and kept tags keep only attributes from an allowlist (``href`` on
-   ``<a>`` with a safe scheme; ``style`` only when it holds no ``url(``, escape or comment).
-   Comments, doctypes and processing instructions go. A ``<`` that does not start a complete
-   tag is written as ``&lt;``, so no tag can form later.
+   real end of the tag, quotes included). Elements that load or run things (script, style,
+   svg, iframe, object, video, audio...) go with their content, ``<img>`` becomes
+   ``[image: alt]``, and every other tag the renderer would take as HTML is written out again:
+   only a small set of formatting tags stays, with attributes from an allowlist (``href`` on
+   ``<a>`` with a safe scheme; ``style`` only without ``url(``, escapes or comments; no class or
+   id). Comments, doctypes and processing instructions go.
 2. Every ``![`` is an image opener in markdown (inline, reference, collapsed or shortcut). It
    stays only when it is an inline image whose target, decoded as the renderer decodes it
    (entities, backslash escapes, tabs and newlines removed, ``\\`` read as ``/``), is a path
    on the app's own origin. Anything else becomes ``[image: alt]`` (or a literal ``![``).
+3. A ```mermaid block that names anything URL-like is shown as plain code (the chat draws
+   diagrams, and diagrams can load images and CSS).
 
-The whole text is treated alike, code blocks included: a code sample that shows an outside
-image or a URL-loading tag is shown with the placeholder instead. Telling code from HTML the
-way the renderer does would take its exact parser, and getting it wrong would be a bypass.
+Code is not trusted to be code: telling code from HTML exactly as the renderer does would take
+its parser, and a mistake would be a bypass. So images and risky tags are replaced inside code
+blocks too (a code sample showing an outside image shows the placeholder). What code gets is
+only this: a tag with nothing risky in it (no URL-loading attribute, handler, risky style or
+``class="mermaid"``) is left exactly as written inside code spans and blocks, and wherever
+CommonMark would show it as text anyway, so ``a<b && c>d`` and HTML samples read as typed. A
+``<`` that starts no complete tag stays, unless something later could end it (then ``&lt;``).
 """
 
 from __future__ import annotations
