@@ -236,6 +236,59 @@ def _step(event: Event) -> dict[str, Any]:
             "id": event.call_id}
 
 
+class Guard:
+    """Host check, identity and body-size limit for every request (a pure ASGI middleware).
+
+    Why not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides the client's
+    disconnect from non-streaming endpoints, so a request whose client hung up kept generating
+    (and holding a queue slot) to the end.
+    """
+
+    def __init__(self, app, *, access, allowed_hosts: set[str] | None, max_request_bytes: int):
+        self.app, self.access, self.allowed_hosts, self.max_request_bytes = app, access, allowed_hosts, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        response = self.check(Request(scope), scope)
+        if response is not None:
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, request: Request, scope) -> JSONResponse | None:
+        if self.allowed_hosts is not None and host_name(request.headers.get("host", "")) not in self.allowed_hosts:
+            # DNS rebinding: a page on evil.example that resolves to 127.0.0.1 still sends its own Host.
+            return error_response(400, "unknown Host header: this server answers to "
+                                       f"{', '.join(sorted(self.allowed_hosts))}; add yours with --allowed-hosts")
+        if not request.url.path.startswith("/v1"):
+            return None
+        try:
+            # Who is asking: every /v1 handler reads request.state.identity (bot/owners.py).
+            scope.setdefault("state", {})["identity"] = self.access.api_identity(request.headers.get("authorization"))
+        except UnauthorizedError as exc:
+            return error_response(401, str(exc), "authentication_error", {"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        # Document uploads stream to disk under their own limit (max_upload_bytes), checked there.
+        if length is not None and not is_upload(request):
+            try:
+                too_big = int(length) > self.max_request_bytes
+            except ValueError:
+                return error_response(400, "invalid Content-Length header")
+            if too_big:
+                return error_response(413, f"the request body is over {self.max_request_bytes} bytes: "
+                                           f"send a shorter conversation")
+        return None
+
+
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event, every_s: float = 0.25) -> None:
+    """A non-streaming client that hangs up stops its generation (and frees its queue slot) too."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(every_s)
+
+
 class TurnThreads:
     """The threads that step turns' blocking event generators for async code.
 
@@ -279,32 +332,8 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
 
     access = runtime.access
 
-    allowed_hosts = allowed_host_names(settings)
-
-    @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        path = request.url.path
-        if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
-            # DNS rebinding: a page on evil.example that resolves to 127.0.0.1 still sends its own Host.
-            return error_response(400, "unknown Host header: this server answers to "
-                                       f"{', '.join(sorted(allowed_hosts))}; add yours with --allowed-hosts")
-        if path.startswith("/v1"):
-            try:
-                # Who is asking: every /v1 handler reads request.state.identity (bot/owners.py).
-                request.state.identity = access.api_identity(request.headers.get("authorization"))
-            except UnauthorizedError as exc:
-                return error_response(401, str(exc), "authentication_error", {"WWW-Authenticate": "Bearer"})
-            length = request.headers.get("content-length")
-            # Document uploads stream to disk under their own limit (max_upload_bytes), checked there.
-            if length is not None and not is_upload(request):
-                try:
-                    too_big = int(length) > settings.max_request_bytes
-                except ValueError:
-                    return error_response(400, "invalid Content-Length header")
-                if too_big:
-                    return error_response(413, f"the request body is over {settings.max_request_bytes} bytes: "
-                                               f"send a shorter conversation")
-        return await call_next(request)
+    app.add_middleware(Guard, access=access, allowed_hosts=allowed_host_names(settings),
+                       max_request_bytes=settings.max_request_bytes)
 
     async def read_json(request: Request) -> Any:
         # Only application/json: a web page can POST text/plain or a form to a localhost server
@@ -411,13 +440,17 @@ def create_app(runtime: Runtime, *, with_ui: bool = True) -> FastAPI:
         created = int(time.time())
         if not req.stream:
             text, steps, done = [], [], None
-            async for event in _aiter(events, cancel):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, (ToolStarted, ToolFinished)):
-                    steps.append(_step(event))
-                elif isinstance(event, Done):
-                    done = event
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
+            try:
+                async for event in _aiter(events, cancel):
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                    elif isinstance(event, (ToolStarted, ToolFinished)):
+                        steps.append(_step(event))
+                    elif isinstance(event, Done):
+                        done = event
+            finally:
+                watcher.cancel()
             if done is None:  # the turn's stream ended without its final event
                 return error_response(500, "generation ended unexpectedly; see the server log", "server_error")
             if done.finish_reason == "error":

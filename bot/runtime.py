@@ -43,8 +43,11 @@ def discover_adapters(home: Path) -> dict[str, str]:
     root = home / "adapters"
     if not root.is_dir():
         return {}
+    # Names starting with "." are fine-tuning's own staging and backup folders (.NAME.staging,
+    # .NAME.old): complete-looking for a moment during an --overwrite swap, never to be served.
     return {p.name: str(p) for p in sorted(root.iterdir())
-            if (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file()}
+            if not p.name.startswith(".") and (p / "adapter_config.json").is_file()
+            and (p / "adapter_model.safetensors").is_file()}
 
 
 def build_tools(engine: Engine, settings: Settings, documents=None):

@@ -57,15 +57,43 @@ def _valid(browser_id: str) -> bool:
 
 
 def install_browser_cookie(app) -> None:
-    """Give every browser that has none an id cookie (FastAPI/Starlette middleware)."""
-    @app.middleware("http")
-    async def browser_id_cookie(request, call_next):
-        response = await call_next(request)
-        current = request.cookies.get(COOKIE)
-        if not request.url.path.startswith("/v1") and not (current and _valid(current)):
-            response.set_cookie(COOKIE, new_browser_id(), max_age=400 * 86400, httponly=True, samesite="strict",
-                                path="/")
-        return response
+    """Give every browser that has none an id cookie (a pure ASGI middleware on the app)."""
+    app.add_middleware(BrowserCookie)
+
+
+class BrowserCookie:
+    """Adds ``Set-Cookie: parley_browser=<random>`` to responses for browsers without a valid one.
+
+    Pure ASGI rather than BaseHTTPMiddleware, which would hide client disconnects from endpoints.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "").startswith("/v1"):
+            return await self.app(scope, receive, send)
+        from http.cookies import SimpleCookie
+
+        jar = SimpleCookie()
+        for name, value in scope.get("headers", []):
+            if name == b"cookie":
+                try:
+                    jar.load(value.decode("latin-1"))
+                except Exception:  # a malformed Cookie header: treat as none
+                    pass
+        current = jar.get(COOKIE)
+        if current is not None and _valid(current.value):
+            return await self.app(scope, receive, send)
+
+        async def send_with_cookie(message):
+            if message["type"] == "http.response.start":
+                cookie = (f"{COOKIE}={new_browser_id()}; Max-Age={400 * 86400}; Path=/; HttpOnly; "
+                          f"SameSite=Strict")
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
 
 
 @dataclass

@@ -153,7 +153,9 @@ class ParleyDiscord(_client_base()):  # type: ignore[misc]
             return await channel.send(content, suppress_embeds=True)
 
         async def edit(sent, content: str):
-            await sent.edit(content=content)
+            # suppress=True on every edit: discord.py's Message.edit sends flags=0 otherwise, which
+            # turns link previews back on and Discord fetches every URL in the reply.
+            await sent.edit(content=content, suppress=True)
 
         await self._answer(conversation_id, self._scopes(message.guild, channel), text, post, edit, channel)
 

@@ -148,3 +148,22 @@ def test_health_reports_the_engine_worker(tiny_model_dir, tmp_path):
             time.sleep(0.1)
         r = httpx.get(url + "/health", timeout=30)
     assert r.status_code == 503 and r.json()["status"] == "unavailable"
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation(tiny_model_dir, tmp_path):
+    runtime = build_test_runtime(tiny_model_dir, tmp_path, max_new_tokens_cap=400)
+    runtime.engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))  # ~20 s a reply
+    with running_server(create_app(runtime)) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/chat/completions", timeout=2, json={
+                "messages": [{"role": "user", "content": "a long one"}], "max_tokens": 400, "temperature": 1.0})
+        deadline, turn = time.time() + 15, None
+        while time.time() < deadline:
+            turns = [t for c in runtime.store.list_conversations(10) for t in runtime.store.turns(c["id"])]
+            if turns and turns[0].finish_reason != "running":
+                turn = turns[0]
+                break
+            time.sleep(0.2)
+        runtime.engine.close()
+    assert turn is not None and turn.finish_reason == "cancelled"  # not run to 400 tokens for nobody
+    assert turn.usage["completion_tokens"] < 200

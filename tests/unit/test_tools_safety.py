@@ -299,10 +299,6 @@ def test_discord_messages_are_sent_with_embeds_suppressed(tmp_path):
         assert call.json["flags"] & 4 and call.json["allowed_mentions"]["parse"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="bot/integrations/discord.py edits with sent.edit(content=...): discord.py's "
-                                       "Message.edit defaults to suppress=False and sends flags=0, which brings the "
-                                       "link embeds back on the first streamed edit; it needs suppress=True "
-                                       "(reported to the lead; integrations are not this change's files)")
 def test_discord_streamed_edits_keep_embeds_suppressed(tmp_path):
     pytest.importorskip("discord")
     from bot.store import Store
