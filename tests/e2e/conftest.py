@@ -178,7 +178,9 @@ class GradioDriver:
 
 @pytest.fixture(scope="session")
 def matrix_gradio(matrix_server):
-    return GradioDriver(matrix_server)
+    driver = GradioDriver(matrix_server)
+    yield driver
+    driver.client.close()  # its heartbeat stream would hold the server's graceful shutdown
 
 
 class TerminalDriver:

@@ -216,7 +216,9 @@ def parley_serve(home: Home, timeout: float = 180.0):
     finally:
         process.terminate()
         try:
-            process.wait(15)
+            # uvicorn's graceful shutdown waits for open streams (gradio_client's heartbeat keeps one
+            # open ~10 s after close()); this home is thrown away, so do not wait for it.
+            process.wait(3)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
