@@ -437,7 +437,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 _WATCH_JS = """() => {
   window.__parleySnaps = [];
   const snap = () => {
-    const bots = document.querySelectorAll('.message.bot');
+    const chat = document.querySelector('#parley-chatbot') || document;
+    const bots = chat.querySelectorAll('.message.bot');
     const last = bots.length ? bots[bots.length - 1].innerText : '';
     const snaps = window.__parleySnaps;
     if (!snaps.length || snaps[snaps.length - 1] !== last) snaps.push(last);
@@ -497,8 +498,13 @@ class BrowserChat:
         self.page.locator("#parley-send").click()
         return started
 
+    def _chatbot(self):
+        """The Chat tab's chatbot (other tabs may hold chatbots of their own)."""
+        scoped = self.page.locator("#parley-chatbot")
+        return scoped if scoped.count() else self.page
+
     def bot_text(self) -> str:
-        return "\n".join(m.inner_text() for m in self.page.locator(".message.bot").all())
+        return "\n".join(m.inner_text() for m in self._chatbot().locator(".message.bot").all())
 
     def snapshots(self) -> list[str]:
         return self.page.evaluate("() => window.__parleySnaps || []")
@@ -521,7 +527,7 @@ class BrowserChat:
         return turn, shown
 
     def like_last(self) -> None:
-        self.page.get_by_role("button", name="Like", exact=True).last.click()
+        self._chatbot().get_by_role("button", name="Like", exact=True).last.click()
 
 
 def letters(text: str) -> str:
