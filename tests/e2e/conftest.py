@@ -227,8 +227,11 @@ def matrix_terminal(matrix_home):
     driver.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def _chromium():
+    # Module scope, not session: Playwright's sync API keeps an event loop running in the main
+    # thread while it is open, and every later test that calls asyncio.run() (Slack, Discord)
+    # would fail with "cannot be called from a running event loop".
     from playwright.sync_api import sync_playwright
 
     from tests.e2e.feature_matrix_helpers import CHROMIUM, CHROMIUM_FLAGS
