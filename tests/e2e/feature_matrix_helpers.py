@@ -433,6 +433,11 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
+_BOT_TEXT_JS = """() => {
+  const chat = document.querySelector('#parley-chatbot') || document;
+  return [...chat.querySelectorAll('.message.bot')].map(e => e.innerText).join('\\n');
+}"""
+
 # Records the text of the last bot message group on every DOM change (to see a reply grow).
 _WATCH_JS = """() => {
   window.__parleySnaps = [];
@@ -455,9 +460,15 @@ class BrowserChat:
         self.page, self.server = page, server
         self.store = StoreReader(server.home / "parley.db")
 
-    def open(self) -> "BrowserChat":
+    def open(self, *, wait_loaded: bool = True) -> "BrowserChat":
+        """Load the page; by default also wait for its page-load events (which fill in the
+        collections list last): a message sent before they finish can vanish, see
+        test_message_sent_while_the_page_loads_stays."""
         self.page.goto(self.server.url + "/")
         self.page.locator("#parley-input textarea").wait_for()
+        if wait_loaded and self.page.locator("#parley-collections").count():
+            self.page.locator("#parley-collections input[type=checkbox]").first.wait_for(state="attached",
+                                                                                        timeout=60_000)
         return self
 
     def _settings(self):
@@ -504,7 +515,8 @@ class BrowserChat:
         return scoped if scoped.count() else self.page
 
     def bot_text(self) -> str:
-        return "\n".join(m.inner_text() for m in self._chatbot().locator(".message.bot").all())
+        """The text of the bot's messages, read in one go (they are re-rendered as the reply grows)."""
+        return self.page.evaluate(_BOT_TEXT_JS)
 
     def snapshots(self) -> list[str]:
         return self.page.evaluate("() => window.__parleySnaps || []")

@@ -51,7 +51,8 @@ the store there. The terminal reports tool steps on stderr and prints the source
 Each cell's id is ``FEATURE[FRONTEND]`` (``-k "search-command[browser]"``, ``-k slack``); the
 run ends with the matrix printed and saved to bench/results/feature_matrix.{json,md}
 (tests/e2e/conftest.py). A cell is marked xfail (strict) only for a product bug, named in
-``KNOWN_BUGS`` with where it is.
+``KNOWN_BUGS`` with where it is. The browser cells wait for the page's load events before typing;
+test_message_sent_while_the_page_loads_stays is the bug that makes that wait necessary (xfail).
 """
 
 from __future__ import annotations
@@ -741,6 +742,69 @@ def test_feature(feature: str, driver, request):
     check = CHECKS.get((feature, frontend))
     assert check is not None, f"{feature}[{frontend}] is offered but has no check in this module"
     check(driver)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ui/app.py:51 demo.load(...).then(chat.load, ...) and ui/chat.py load(): the page-load event outputs "
+    "chatbot and conversation_state as they were when the page opened, so when it finishes after the first "
+    "message (a busy server) the exchange vanishes from the chat and the next message starts a new conversation"))
+def test_message_sent_while_the_page_loads_stays(_chromium, matrix_server):
+    """A person who sends at once, while the page's load events are still queued on a busy server.
+
+    The load events after the first (ensure_browser_id) are held back by the browser until the
+    reply is shown, then let through. Send disabled until the page is ready is a fix too.
+    """
+    from tests.e2e.feature_matrix_helpers import BrowserChat
+
+    context = _chromium.new_context()
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    held, joins, sending = [], [0], [False]
+
+    def hold_load_events(route):
+        joins[0] += 1
+        if not sending[0] and joins[0] > 1:
+            held.append(route)
+        else:
+            route.continue_()
+
+    def pump(seconds: float, until=lambda: False) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if until():
+                return True
+            page.wait_for_timeout(100)  # lets Playwright run the route handler meanwhile
+        return until()
+
+    try:
+        page.route("**/gradio_api/queue/join*", hold_load_events)
+        chat = BrowserChat(page, matrix_server).open(wait_loaded=False)
+        last = [0, time.monotonic()]
+
+        def settled() -> bool:  # load events held, and no new one for 2 s (the .then chain has queued)
+            if joins[0] != last[0]:
+                last[:] = [joins[0], time.monotonic()]
+            return bool(held) and time.monotonic() - last[1] > 2
+
+        assert pump(30, settled), "no page-load event after the first one was seen"
+        if page.locator("#parley-send").is_disabled():  # the page waits for its load events: fixed
+            for route in held:
+                route.continue_()
+            return
+        sending[0] = True
+        since = chat.send(SENTIMENT_CMD)
+        assert pump(90, lambda: "ositive" in chat.bot_text()), f"no reply shown: {chat.bot_text()!r}"
+        first = chat.store.wait_turn(SENTIMENT_CMD, since=since, source="web", timeout=10)
+        for route in held:
+            route.continue_()
+        pump(8)  # the load events finish now
+        page.unroute("**/gradio_api/queue/join*")
+        shown = chat.bot_text()
+        assert "ositive" in shown, f"the reply vanished when the page-load events finished: {shown!r}"
+        second, _ = chat.ask(PARIS_Q)
+        assert second.conversation_id == first.conversation_id, "the next message started a new conversation"
+    finally:
+        context.close()
 
 
 def test_matrix_table_matches_docstring():
