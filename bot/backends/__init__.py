@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "transformers", "llama.cpp", "openai")
 
-AUTO_PREFERS_LLAMACPP = False
-"""Whether ``auto`` may pick llama.cpp (it does once the backend passes the contract tests)."""
+AUTO_PREFERS_LLAMACPP = True
+"""Whether ``auto`` may pick llama.cpp (it does: the backend passes the contract suite,
+tests/unit/test_backend_contract.py, and its embedded-model run)."""
 
 
 def gguf_source(spec: str, home: Path) -> Path | None:

@@ -147,6 +147,10 @@ def lora_tensors(folder: Path, info: BaseInfo) -> tuple[float, list[tuple[str, n
             f"adapter with llama.cpp's convert_lora_to_gguf.py, or serve it with --backend transformers")
 
     weights = {k: v.float().numpy() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    embedding = next((k for k in weights if "lora_embedding_" in k), None)
+    if embedding:
+        raise ModelLoadError(f"adapter {folder} puts LoRA on the token embeddings ({embedding}); Parley's "
+                             f"llama.cpp conversion does not cover that: serve it with --backend transformers")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     hf_module: dict[str, str] = {}
     for key, tensor in weights.items():
@@ -155,9 +159,6 @@ def lora_tensors(folder: Path, info: BaseInfo) -> tuple[float, list[tuple[str, n
             part, module = "a", name.split(".lora_A")[0]
         elif ".lora_B." in name or name.endswith(".lora_B.weight"):
             part, module = "b", name.split(".lora_B")[0]
-        elif "lora_embedding_" in name:
-            raise ModelLoadError(f"adapter {folder} puts LoRA on the token embeddings ({key}); Parley's "
-                                 f"llama.cpp conversion does not cover that: serve it with --backend transformers")
         elif "lora_magnitude_vector" in name:
             raise ModelLoadError(f"adapter {folder} is a DoRA adapter ({key}), which llama.cpp cannot apply")
         else:
@@ -258,14 +259,17 @@ def convert_peft_lora(folder: str | Path, base_gguf: str | Path, *, cache_dir: s
     alpha, tensors = lora_tensors(folder, info)
     for place in places:
         target = place / name
+        tmp = place / f".{name}.tmp-{os.getpid()}"
         try:
             place.mkdir(parents=True, exist_ok=True)
             with FileLock(str(place / f".{name}.lock"), timeout=120):
                 if target.is_file():
                     return target
-                tmp = place / f".{name}.tmp-{os.getpid()}"
-                write_lora_gguf(tmp, info.arch, alpha, tensors, source=str(folder))
-                os.replace(tmp, target)
+                try:
+                    write_lora_gguf(tmp, info.arch, alpha, tensors, source=str(folder))
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
             for stale in place.glob(f"{CACHE_PREFIX}*.gguf"):  # an older conversion of this folder
                 if stale.name != name:
                     stale.unlink(missing_ok=True)

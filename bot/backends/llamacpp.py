@@ -14,8 +14,18 @@ the cells not yet promised to running rows, so a decode never runs out of cache 
 
 Adapters: llama.cpp applies LoRA adapters to a whole context, not per sequence, so rows are grouped
 by adapter and each group gets its own ``llama_decode`` per step (the KV cache is shared; a row
-always decodes with the adapter its cache was built with). A PEFT folder is converted once to a
-GGUF LoRA file (``bot.backends.gguf_lora``), cached beside the adapter.
+always decodes with the adapter its cache was built with). Switching the context's adapter costs a
+scheduler re-reservation (several ms here), so each step starts with the adapter already set. A
+PEFT folder is converted once to a GGUF LoRA file (``bot.backends.gguf_lora``), cached beside the
+adapter.
+
+Determinism: a reply does not depend on what else runs only up to float rounding. llama.cpp picks
+matmul kernels by shape (batch size, cells in the cache), and on a quantized model every layer
+rounds its activations to 8 bits, so a last-bit difference can become a different token at a
+near-tie. Measured on the embedded SmolLM2: identical prompts decoded 8 at a time equal the lone
+reply; replies with random LoRA adapters under concurrency equal the lone reply in about 2 of 3
+cases (see tests/integration/test_backends_embedded.py). The transformers backend is bit-exact.
+On float32 weights with ``kv_type="f32"`` (the tests' tiny model) replies are exact here too.
 
 Prompts are rendered and tokenized by the Hugging Face tokenizer of the same model (built from the
 GGUF's own vocabulary and chat template, cached under PARLEY_HOME/models), so the prompt ids, the
@@ -108,6 +118,7 @@ class LlamaCppEngine(BatchEngine):
         self.adapter_cache = Path(adapter_cache) if adapter_cache else None
         self.n_threads = n_threads or cpu_threads()
         self.n_batch = n_batch
+        self._current_adapter: str | None = None  # the adapter version the context has set now
         self._base_info = None  # read from the GGUF header when the first adapter is converted
         self._handles: dict[str, Any] = {}  # internal adapter version -> llama_adapter_lora pointer
         self._ctx = self._model = self._batch = None
@@ -215,6 +226,7 @@ class LlamaCppEngine(BatchEngine):
             # The context may still point at it from the last step: detach before freeing.
             if self._ctx is not None:
                 self._lib.llama_set_adapters_lora(self._ctx, self._no_adapters, 0, None)
+                self._current_adapter = None
             self._lib.llama_adapter_lora_free(handle)
         except Exception:
             log.exception("could not free adapter version %s", internal)
@@ -277,15 +289,21 @@ class LlamaCppEngine(BatchEngine):
             if not request.finished:
                 self._should_stop(request)
         active = self._sweep(active)
-        groups: dict[str | None, list[_Request]] = {}
-        for request in active:
-            groups.setdefault(request.peft_name, []).append(request)
-        for internal, rows in groups.items():
+        for internal, rows in self._groups(active):
             try:
                 self._decode_group(internal, rows)
             except Exception as exc:  # this group's rows only; their cache cells are freed below
                 self._failed("decode", exc, rows)
         return self._sweep(active)
+
+    def _groups(self, active: list[_Request]) -> list[tuple[str | None, list[_Request]]]:
+        """Rows that share a llama_decode this step (one group per adapter), starting with the
+        adapter the context already has set: switching costs a scheduler re-reservation."""
+        by_adapter: dict[str | None, list[_Request]] = {}
+        for request in active:
+            by_adapter.setdefault(request.peft_name, []).append(request)
+        order = sorted(by_adapter, key=lambda name: (name != self._current_adapter, name or ""))
+        return [(name, by_adapter[name]) for name in order]
 
     def _sweep(self, active: list[_Request]) -> list[_Request]:
         still = []
@@ -348,6 +366,7 @@ class LlamaCppEngine(BatchEngine):
                 rc = lib.llama_set_adapters_lora(self._ctx, self._no_adapters, 0, None)
             if rc != 0:
                 raise RuntimeError(f"llama_set_adapters_lora returned {rc}")
+            self._current_adapter = internal
             self._steps += 1
             rc = lib.llama_decode(self._ctx, b)
             if rc != 0:

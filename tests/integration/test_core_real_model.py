@@ -47,7 +47,10 @@ def real_runtime(embedded_home, tmp_path_factory):
 
     model_dir = resolve_model("smollm2-135m", embedded_home, progress=False)
     adapters = tmp_path_factory.mktemp("real-adapters")
-    runtime = build_test_runtime("smollm2-135m", embedded_home, adapters={
+    # The transformers backend: the tests below check its bit-exact batching (a reply is the same
+    # alone or in a batch, with adapters too). The llama.cpp backend, which `auto` picks for this
+    # model, has its own (tests/integration/test_backends_embedded.py); the CLI tests above use it.
+    runtime = build_test_runtime("smollm2-135m", embedded_home, backend="transformers", adapters={
         "alpha": str(make_adapter(model_dir, adapters / "alpha", 11)),
         "beta": str(make_adapter(model_dir, adapters / "beta", 12)),
     })

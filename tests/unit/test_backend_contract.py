@@ -366,15 +366,17 @@ def test_closing_the_stream_cancels(subject):
 def test_stop_strings_end_the_reply_before_them(subject):
     params = GenerationParams(temperature=0, max_new_tokens=24)
     # The tiny base model answers with newlines only; an adapter makes it say varied things.
-    text, _ = subject.engine.generate(msgs(PROMPT), params, adapter="alpha")
-    # A short piece from the middle of the greedy reply, printable and not seen earlier in it.
-    stop = next((text[i:i + 2] for i in range(3, len(text) - 2)
-                 if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i),
-                None)
-    if stop is None:
-        pytest.skip(f"the greedy reply {text!r} has no usable stop string")
+    for adapter in ("alpha", "beta", BASE):
+        text, _ = subject.engine.generate(msgs(PROMPT), params, adapter=adapter)
+        # A short piece from the middle of the greedy reply, printable and not seen earlier in it.
+        stop = next((text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].isprintable()
+                     and "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i), None)
+        if stop is not None:
+            break
+    else:
+        pytest.skip(f"no greedy reply has a usable stop string (last: {text!r})")
     cut, done = subject.engine.generate(msgs(PROMPT), GenerationParams(temperature=0, max_new_tokens=24, stop=(stop,)),
-                                        adapter="alpha")
+                                        adapter=adapter)
     assert done.finish_reason == "stop"
     assert cut == text[:text.index(stop)] and stop not in cut
 
@@ -424,8 +426,9 @@ def test_unknown_adapter_and_oversized_prompt_fail_before_streaming(subject):
 
     with pytest.raises(NotFoundError):
         subject.engine.stream(msgs(PROMPT), GREEDY, adapter="ghost")
-    with pytest.raises(RequestError):
-        subject.engine.stream(msgs("x" * 5000), GenerationParams(max_new_tokens=400))
+    with pytest.raises(RequestError):  # longer than the whole context window, whatever the tokenizer
+        subject.engine.stream(msgs(" ".join(f"w{i}" for i in range(subject.engine.context_window))),
+                              GenerationParams(max_new_tokens=400))
 
 
 def test_queue_full_is_refused_at_once(subject):
