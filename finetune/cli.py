@@ -1,4 +1,4 @@
-"""`parley finetune {lora,classify,merge,eval}`: flags -> typed configs -> the recipes. Thin.
+"""`parley finetune {lora,dpo,classify,merge,eval}`: flags -> typed configs -> the recipes. Thin.
 
 Settings come from, lowest first: the config dataclass defaults, ``--config recipe.toml`` (flat
 keys, or a ``[lora]`` / ``[classify]`` table), ``--set NAME=VALUE`` (any field), the flags below.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VERBS = ("lora", "classify", "merge", "eval")
+VERBS = ("lora", "dpo", "classify", "merge", "eval")
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
     ft = subparsers.add_parser("finetune", help="train LoRA adapters and classifiers",
                                description="Train LoRA chat adapters and text classifiers; merge and "
                                            "evaluate adapters.")
-    sub = ft.add_subparsers(dest="finetune_verb", required=True, metavar="{lora,classify,merge,eval}")
+    sub = ft.add_subparsers(dest="finetune_verb", required=True, metavar="{lora,dpo,classify,merge,eval}")
 
     lora = sub.add_parser("lora", help="LoRA fine-tune a chat model on conversations",
                           description="LoRA fine-tune a chat model. Data: OpenAI messages, ShareGPT, Alpaca, "
@@ -55,6 +55,32 @@ def add_parser(subparsers) -> None:
     lora.add_argument("--nan-policy", help="abort (default) or skip steps with NaN/Inf loss or gradients")
     _common(lora)
     lora.set_defaults(func=run_lora)
+
+    dpo = sub.add_parser("dpo", help="DPO: train a LoRA adapter on preference pairs (better vs worse reply)",
+                         description="Direct Preference Optimization with TRL's DPOTrainer and a LoRA adapter. "
+                                     "Data: JSONL/JSON/CSV rows with prompt (messages or a string), chosen and "
+                                     "rejected (TRL's preference format), or `--data preferences` for the "
+                                     "votes and corrections stored by the chat.")
+    dpo.add_argument("--data", nargs="+", metavar="FILE", help="preference pair files, or `preferences`")
+    dpo.add_argument("--eval-data", nargs="+", metavar="FILE", help="evaluation pairs (default: hold out 10%%)")
+    dpo.add_argument("--output", "-o", help="output folder, or a bare NAME for PARLEY_HOME/adapters/NAME")
+    dpo.add_argument("--model", help="base model (default smollm2-135m)")
+    dpo.add_argument("--init-adapter", help="start from this LoRA adapter (SFT then DPO); it is also the reference")
+    dpo.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
+    dpo.add_argument("--loss-type", help="sigmoid (default), ipo or hinge")
+    dpo.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    dpo.add_argument("--alpha", type=int, help="LoRA alpha (default 32)")
+    dpo.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate (default 5e-5)")
+    dpo.add_argument("--batch-size", type=int, help="pairs per micro-batch (default 2)")
+    dpo.add_argument("--grad-accum", type=int, help="micro-batches per step (default 4)")
+    dpo.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
+    dpo.add_argument("--epochs", type=int, help="passes over the pairs when --max-steps is not set (default 1)")
+    dpo.add_argument("--max-length", type=int, help="longest prompt + reply in tokens (default 1024)")
+    dpo.add_argument("--precision", help="auto (default), bf16 or fp32")
+    dpo.add_argument("--eval-every", type=int, help="evaluate every N steps (default: start and end)")
+    dpo.add_argument("--export", metavar="FILE", help="only write the checked pairs as TRL JSONL to FILE, no training")
+    _common(dpo)
+    dpo.set_defaults(func=run_dpo)
 
     cls = sub.add_parser("classify", help="fine-tune a small encoder for text classification",
                          description="Fine-tune a pretrained encoder (the embedded MiniLM by default) to "
@@ -162,6 +188,28 @@ def run_lora(args: argparse.Namespace) -> int:
               f"{result.get('resume_with', '--resume')}")
     else:
         print(f"adapter: {result['output']}")
+    return 0
+
+
+def run_dpo(args: argparse.Namespace) -> int:
+    from finetune.dpo import DpoConfig, export_pairs, load_pairs, train_dpo
+    from finetune.runs import config_from_sources
+
+    setup_logging()
+    export = getattr(args, "export", None)
+    args.export = None
+    cfg = config_from_sources(DpoConfig, args.config, _overrides(args), "dpo")
+    if export:
+        pairs, report = load_pairs(cfg.data, Path(args.home))
+        for line in report.lines():
+            print(line, file=sys.stderr)
+        print(f"{export_pairs(pairs, Path(export))} pairs written to {export}")
+        return 0
+    result = train_dpo(cfg, Path(args.home))
+    margin = result.get("eval_reward_margin")
+    print(f"adapter: {result['output']}" + (f"  reward margin {margin:.4f}" if isinstance(margin, float) else "")
+          + (f"  (stopped at step {result['step']} of {result['total_steps']}; continue with --resume)"
+             if result.get("stopped") else ""))
     return 0
 
 

@@ -303,7 +303,9 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
     output = resolve_output(cfg.output, home, f"feedback-{time.strftime('%Y%m%d-%H%M%S')}" if from_feedback else "")
     # One writer per run folder. A run that replaces another (--overwrite) trains in a staging
     # folder beside it, which takes the old one's place only once the new adapter is complete.
-    with _run_folder(output, cfg, main) as work:
+    # "Stop and save" (SIGUSR1, from bot/jobs.py) ends the loop after the step under way; the
+    # adapter is then evaluated and saved as usual, and a checkpoint lets Resume finish the plan.
+    with _run_folder(output, cfg, main) as work, runs.stop_and_save_requests() as stop_requested:
         accelerator.wait_for_everyone()
         resume_with = "--resume --overwrite" if work != output else "--resume"
 
@@ -470,7 +472,7 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
         stop_at = min(total_steps, cfg.stop_after_steps or total_steps)
         try:
             head.__enter__()
-            while step < stop_at:
+            while step < stop_at and not stop_requested.is_set():
                 step_started = time.time()
                 micro = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
                 # The loss is normalized by the labelled tokens of the whole global step (all micro-batches,
@@ -529,7 +531,8 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                 tokens_seen += real_tokens
                 trained_seen += int(n_global)
                 train_seconds += time.time() - step_started  # optimizer steps only: no evals, no saving
-                record = {"step": step, "epoch": round(step * cfg.grad_accum / micro_per_epoch, 4),
+                record = {"step": step, "total_steps": total_steps,
+                          "epoch": round(step * cfg.grad_accum / micro_per_epoch, 4),
                           "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "tokens": real_tokens, "trained_tokens": int(n_global),
                           "tokens_per_s": round(tokens_seen / train_seconds, 1),
@@ -556,7 +559,16 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             head.__exit__()
         bar.close()
 
-        if step < total_steps:  # stopped early on purpose (stop_after_steps)
+        stopped = step < stop_at  # "Stop and save": save what was trained so far
+        if stopped:
+            if step == start_step:
+                raise FinetuneError(f"stopped at step {step} before another step was trained; nothing new "
+                                    f"was saved")
+            if not runs.list_checkpoints(work) or runs.list_checkpoints(work)[-1][0] != step:
+                checkpoint(step)
+            log.info("stop requested: saving the adapter at step %d of %d; continue the plan with %s",
+                     step, total_steps, resume_with)
+        elif step < total_steps:  # stopped early on purpose (stop_after_steps)
             return {"output": str(output), "step": step, "total_steps": total_steps, "stopped_early": True,
                     "resume_with": resume_with,
                     "final_loss": loss_value, "main_process": main}
@@ -571,7 +583,9 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
                  "trained_tokens_per_s": round(trained_seen / train_seconds, 1) if train_seconds else None,
                  "tokens": tokens_seen, "step_seconds": round(train_seconds, 2), "total_seconds": round(elapsed, 1),
                  "peak_memory_mb": round(peak_mb, 1)}
-        metrics.write({"step": step, **final_eval, "final": True})
+        if stopped:
+            final.update({"stopped_at_step": step, "planned_steps": total_steps})
+        metrics.write({"step": step, **final_eval, "final": True, **({"stopped": True} if stopped else {})})
         unwrapped = accelerator.unwrap_model(model)
         if main:
             weights = get_peft_model_state_dict(unwrapped)
@@ -604,7 +618,8 @@ def train_lora(cfg: LoraConfig, home: Path, *, command: str = "",
             log.info("adapter saved to %s (eval loss %s); use it with: parley chat --adapter %s=%s", output,
                      f"{final_eval['eval_loss']:.4f}" if final_eval else "n/a", output.name, output)
         accelerator.wait_for_everyone()
-        return {"output": str(output), "total_steps": total_steps, "main_process": main, **final}
+        return {"output": str(output), "total_steps": total_steps, "main_process": main, "stopped": stopped,
+                **final}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -355,6 +355,37 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], fields: tupl
 
 
 # --------------------------------------------------------------------------------------------
+# Stop and save
+# --------------------------------------------------------------------------------------------
+STOP_AND_SAVE_SIGNAL = "SIGUSR1"
+"""What bot/jobs.py sends for "Stop and save": the recipe finishes the step under way, writes a
+checkpoint (Resume continues the planned schedule from it) and saves the adapter as it is."""
+
+
+@contextlib.contextmanager
+def stop_and_save_requests():
+    """Yield a ``threading.Event`` that SIGUSR1 sets while the block runs.
+
+    Only the main thread can install a signal handler; elsewhere (a recipe called from a worker
+    thread) the event is simply never set. With several processes (accelerate) each process has
+    its own: jobs started by Parley run one process.
+    """
+    import signal
+    import threading
+
+    requested = threading.Event()
+    sig = getattr(signal, STOP_AND_SAVE_SIGNAL, None)
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(sig, lambda *_: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(sig, previous)
+
+
+# --------------------------------------------------------------------------------------------
 # Metrics, plots, cards
 # --------------------------------------------------------------------------------------------
 class MetricsLog:
