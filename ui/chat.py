@@ -191,9 +191,11 @@ def build_chat_tab(runtime: Runtime, session: Session) -> ChatTab:
                          feedback_options=("Like", "Dislike"), sanitize_html=True, elem_id="parley-chatbot",
                          placeholder="Ask anything. Slash commands: /search, /translate, /sentiment, /help")
     with gr.Row():
+        # Off until the page-load event has restored the conversation: a message sent before it
+        # finished was overwritten by the load's (older) outputs and vanished.
         textbox = gr.Textbox(placeholder="Message Parley…", show_label=False, scale=8, autofocus=True,
-                             elem_id="parley-input")
-        send = gr.Button("Send", variant="primary", scale=1, elem_id="parley-send")
+                             elem_id="parley-input", interactive=False)
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="parley-send", interactive=False)
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="parley-stop")
     with gr.Accordion("Settings", open=False, elem_id="parley-settings"):
         system = gr.Textbox(label="System prompt", value=runtime.settings.system_prompt, lines=2)
@@ -235,7 +237,8 @@ def build_chat_tab(runtime: Runtime, session: Session) -> ChatTab:
         value = [c for c in (selected or []) if c in names] or [n for n in names if n == "default"] or names[:1]
         return (messages, owners, conversation_id,
                 gr.update(choices=conversation_choices(identity.owner), value=conversation_id),
-                gr.update(choices=adapter_choices()), gr.update(choices=choices, value=value))
+                gr.update(choices=adapter_choices()), gr.update(choices=choices, value=value),
+                gr.update(interactive=True), gr.update(interactive=True))
 
     def submit(request: gr.Request, user_text, conversation_id, browser_id, *settings_values):
         if not user_text or not user_text.strip():
@@ -345,4 +348,5 @@ def build_chat_tab(runtime: Runtime, session: Session) -> ChatTab:
 
     return ChatTab(adapter=adapter, run_turn=run_turn, load=load,
                    load_inputs=[conversation_state, session.browser_id, collections],
-                   load_outputs=[chatbot, owners_state, conversation_state, conversations, adapter, collections])
+                   load_outputs=[chatbot, owners_state, conversation_state, conversations, adapter, collections,
+                                 textbox, send])

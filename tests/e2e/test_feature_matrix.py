@@ -744,10 +744,6 @@ def test_feature(feature: str, driver, request):
     check(driver)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ui/app.py:51 demo.load(...).then(chat.load, ...) and ui/chat.py load(): the page-load event outputs "
-    "chatbot and conversation_state as they were when the page opened, so when it finishes after the first "
-    "message (a busy server) the exchange vanishes from the chat and the next message starts a new conversation"))
 def test_message_sent_while_the_page_loads_stays(_chromium, matrix_server):
     """A person who sends at once, while the page's load events are still queued on a busy server.
 
