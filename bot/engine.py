@@ -44,14 +44,15 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from bot.chat import Message, fit_to_context, render_ids
 from bot.errors import BusyError, GenerationError, NotFoundError, RequestError
 from bot.events import Done, Event, TextDelta, Usage
 from bot.models import LoadedModel, validate_adapter_dir
+
+if TYPE_CHECKING:  # torch is imported where the transformers backend runs, not at start-up
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +525,7 @@ class Engine(BatchEngine):
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 16, max_new_tokens_cap: int = 2048,
                  max_time_s: float = 120.0, context_window: int = 0, queue_size: int = 64):
+        import torch
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -534,6 +536,7 @@ class Engine(BatchEngine):
                          max_time_s=max_time_s, queue_size=queue_size)
 
     def _new_rng(self, seed: int):
+        import torch
         return torch.Generator(device="cpu").manual_seed(seed)
 
     def _eos_ids(self) -> set[int]:
@@ -546,6 +549,7 @@ class Engine(BatchEngine):
         return ids
 
     def _run(self) -> None:
+        import torch
         active: list[_Request] = []
         cache = None  # DynamicCache of the running batch: per layer [B, kv_heads, T, head_dim]
         mask = None   # [B, T] 1 for real tokens, 0 for left padding
@@ -673,6 +677,7 @@ class Engine(BatchEngine):
         return {"adapter_names": [r.peft_name or _PEFT_BASE for r in requests]}
 
     def _prefill(self, request: _Request):
+        import torch
         ids = torch.tensor([request.prompt_ids], device=self.device)
         self._steps += 1
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self._adapter_kwargs([request]))
@@ -681,6 +686,7 @@ class Engine(BatchEngine):
         return out.cache, token
 
     def _decode_step(self, active: list[_Request], cache, mask) -> list[int]:
+        import torch
         last = torch.tensor([[r.generated[-1]] for r in active], device=self.device)
         positions = torch.tensor([[r.position] for r in active], device=self.device)
         # Without padding (one row, or rows of equal length) the causal mask is implied; skipping
@@ -695,6 +701,7 @@ class Engine(BatchEngine):
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
         """Pick the next token per row. logits: [B, vocab] float32."""
+        import torch
         tokens = logits.argmax(dim=-1).tolist()
         for i, request in enumerate(requests):
             p = request.params
@@ -748,6 +755,7 @@ def _merge(cache, mask, row_cache, row_len: int):
     All new tensors are built before any is stored, so a failure (out of memory) leaves the
     running batch exactly as it was.
     """
+    import torch
     row_mask = torch.ones((1, row_len), dtype=torch.long, device=row_cache.layers[0].keys.device)
     if cache is None:
         return row_cache, row_mask
@@ -779,6 +787,7 @@ def _select(cache, mask, keep: list[int]):
 
     Like ``_merge``, nothing is stored until every new tensor exists.
     """
+    import torch
     index = torch.tensor(keep)
     mask = mask.index_select(0, index)
     lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # padding columns shared by all rows
@@ -793,4 +802,5 @@ def _select(cache, mask, keep: list[int]):
 
 def _extend_mask(mask):
     """The attention mask after a decoding step: one more real token per row. [B, T] -> [B, T+1]"""
+    import torch
     return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)

@@ -131,7 +131,12 @@ class LlamaCppEngine(BatchEngine):
         self._vocab = lib.llama_model_get_vocab(model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         self.tokenizer = tokenizer
-        self._check_tokenizer(tokenizer)
+        try:
+            self._check_tokenizer(tokenizer)
+        except ModelLoadError:
+            lib.llama_model_free(model)
+            self._model = None
+            raise
         n_train = int(lib.llama_model_n_ctx_train(model)) or 2048
         window = min(context_window, n_train) if context_window else n_train
         n_seq = max(1, min(max_batch_size, 256))  # llama.cpp's LLAMA_MAX_SEQ
