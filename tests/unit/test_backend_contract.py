@@ -646,9 +646,11 @@ class FaultServer:
     (a chunk that is not JSON), "html" (a web page), "die" (two chunks, then the connection drops),
     "error-chunk" (an error object inside the stream), "slow" (headers, then nothing for 30 s)."""
 
-    def __init__(self):
+    def __init__(self, *, runtime_lora: bool = False):
         self.script: list[Any] = []
         self.seen: list[dict] = []
+        self.runtime_lora = runtime_lora  # answers vLLM's /v1/load_lora_adapter (else 404)
+        self.loras: dict[str, str] = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -668,10 +670,22 @@ class FaultServer:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "test"}]})
+                cards = [{"id": "fake", "object": "model", "owned_by": "test"}]
+                cards += [{"id": name, "object": "model", "parent": "fake"} for name in server.loras]
+                self._send(200, {"object": "list", "data": cards})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path.endswith(("/load_lora_adapter", "/unload_lora_adapter")):
+                    if not server.runtime_lora:
+                        self._send(404, {"detail": "Not Found"})
+                    elif self.path.endswith("/load_lora_adapter"):
+                        server.loras[body["lora_name"]] = body["lora_path"]
+                        self._send(200, b"Success", ctype="text/plain")
+                    else:
+                        server.loras.pop(body["lora_name"], None)
+                        self._send(200, b"Success", ctype="text/plain")
+                    return
                 server.seen.append(body)
                 step = server.script.pop(0) if server.script else "ok"
                 if isinstance(step, int):
@@ -823,6 +837,36 @@ def test_openai_adapters_map_to_server_model_names(fault):
     assert server.seen[-1]["model"] == "fake"
     with pytest.raises(RequestError, match="does not serve 'nope'"):
         engine.load_adapter("other", "server:nope")
+
+
+def test_openai_a_trained_adapter_is_loaded_into_a_server_that_allows_it(hf_tokenizer, tiny_adapters):
+    """vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING: load_adapter (what a finished training job calls)
+    hands the folder to /v1/load_lora_adapter and requests name it; a reload unloads first."""
+    from bot.backends.openai_remote import OpenAIEngine
+
+    server = FaultServer(runtime_lora=True)
+    engine = OpenAIEngine(server.url, tokenizer=hf_tokenizer, backoff_s=0.01)
+    try:
+        engine.load_adapter("support", str(tiny_adapters["alpha"]))
+        assert server.loras == {"support": str(tiny_adapters["alpha"])}
+        engine.generate(msgs(PROMPT), GREEDY, adapter="support")
+        assert server.seen[-1]["model"] == "support"
+        engine.load_adapter("support", str(tiny_adapters["beta"]))  # re-trained: replaced at the server
+        assert server.loras == {"support": str(tiny_adapters["beta"])}
+        engine.unload_adapter("support")
+        assert server.loras == {} and "support" not in engine.adapters
+    finally:
+        engine.close()
+        server.close()
+    server = FaultServer(runtime_lora=False)
+    engine = OpenAIEngine(server.url, tokenizer=hf_tokenizer, backoff_s=0.01)
+    try:
+        with pytest.raises(RequestError, match="cannot load adapters at run time"):
+            engine.load_adapter("support", str(tiny_adapters["alpha"]))
+        assert "support" not in engine.adapters
+    finally:
+        engine.close()
+        server.close()
 
 
 def test_openai_errors_reach_api_clients_as_http_statuses(fault, tmp_path):
