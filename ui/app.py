@@ -5,6 +5,7 @@ component module per tab). Tabs hold no model logic; they call the runtime.
 - Documents (ui/documents.py): collections, uploads with progress, the documents list.
 - Fine-tune (ui/training.py): train an adapter on the chat's feedback.
 - Compare (ui/compare.py): two answers to one prompt, a blind vote, the leaderboard.
+- Training vs inference (ui/insights.py): each adapter's training cost beside its serving speed.
 
 Who is asking is decided on the server for every event (ui/session.py): the logged-in user, or
 this browser's random id.
@@ -22,6 +23,7 @@ from bot.runtime import Runtime
 from bot.tool_names import TOOL_NAMES
 from ui.chat import build_chat_tab
 from ui.compare import build_compare_tab
+from ui.insights import build_insights_tab
 from ui.session import ensure_browser_id, make_session
 from ui.training import build_training_tab
 
@@ -46,6 +48,8 @@ def build_ui(runtime: Runtime) -> gr.Blocks:
                 build_training_tab(runtime, session, chat.adapter)
             with gr.Tab("Compare", id="compare", elem_id="parley-tab-compare"):
                 build_compare_tab(runtime, session)
+            with gr.Tab("Training vs inference", id="insights", elem_id="parley-tab-insights"):
+                build_insights_tab(runtime, session)
 
         # The browser id first (a new visitor gets one), then everything that needs to know who it is.
         demo.load(ensure_browser_id, session.browser_id, session.browser_id, api_name=False).then(
