@@ -116,15 +116,20 @@ def part_parley_llamacpp(args) -> dict:
     out = measure_engine(engine, args)
     out["engine_ready_s"] = ready
     engine.close()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
 def part_parley_transformers(args) -> dict:
     from bot.backends import create_engine
 
+    started = time.perf_counter()
     engine = create_engine(settings(args, backend="transformers"), progress=False)
+    ready = time.perf_counter() - started
     out = measure_engine(engine, args)
+    out["engine_ready_s"] = ready
     engine.close()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -164,6 +169,7 @@ def part_llamacpp_direct(args) -> dict:
         elapsed = time.perf_counter() - started
         out["aggregate"][str(n)] = {"tokens": tokens, "seconds": round(elapsed, 3), "tps": tokens / elapsed,
                                     "note": "serial"}
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -202,7 +208,18 @@ def part_hf(args) -> dict:
         elapsed, produced = timed_generate(list(range(n)), args.tokens)
         out["aggregate"][str(n)] = {"tokens": produced, "seconds": round(elapsed, 3), "tps": produced / elapsed,
                                     "note": "static padded batch"}
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
+
+
+def server_peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def start_llama_server(gguf: str, folder: Path):
@@ -254,9 +271,11 @@ def part_parley_openai(args) -> dict:
                 begin = time.perf_counter()
                 with client.stream("POST", url + "/chat/completions", json=body) as response:
                     for line in response.iter_lines():
-                        if line.startswith("data:") and '"content"' in line and '"content":""' not in line \
-                                and '"content": ""' not in line:
-                            return time.perf_counter() - begin
+                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                            continue
+                        for choice in json.loads(line[5:]).get("choices") or []:
+                            if (choice.get("delta") or {}).get("content"):  # the first piece of text
+                                return time.perf_counter() - begin
                 return float("nan")
 
             def through(i):
@@ -268,6 +287,8 @@ def part_parley_openai(args) -> dict:
             out["direct_ttft_s"], out["backend_ttft_s"] = d, p
             out["ttft_overhead_pct"] = 100 * (p - d) / d
             engine.close()
+            out["peak_rss_mb"] = peak_rss_mb()  # Parley's side; the server's is its own
+            out["server_peak_rss_mb"] = server_peak_rss_mb(proc.pid)
         finally:
             proc.kill()
             proc.wait()

@@ -36,10 +36,12 @@ numpy with the transformers backend's rules.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,9 @@ class LlamaCppEngine(BatchEngine):
         super().__init__(tokenizer, name=name or self.gguf_path.name, context_window=window,
                          max_batch_size=n_seq, max_new_tokens_cap=max_new_tokens_cap, max_time_s=max_time_s,
                          queue_size=queue_size)
+        # Stop the worker and free the context before the interpreter tears threads down: a worker
+        # killed inside llama_decode at exit aborts the process ("terminate called ...").
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _check_tokenizer(self, tokenizer) -> None:
         """The Hugging Face tokenizer must speak the GGUF's vocabulary (the same ids)."""
@@ -191,6 +196,8 @@ class LlamaCppEngine(BatchEngine):
         return out
 
     def close(self) -> None:
+        if self._model is None:
+            return
         super().close()
         with self._model_lock:
             lib = self._lib
@@ -417,6 +424,12 @@ class LlamaCppEngine(BatchEngine):
         probs = _softmax(row)
         rng = request.generator if request.generator is not None else self._rng
         return int(rng.choice(probs.size, p=probs))
+
+
+def _close_at_exit(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
